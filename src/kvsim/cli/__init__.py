@@ -1,0 +1,1 @@
+"""The `kvsim` command: one module per stage, each a thin layer over its subpackage."""

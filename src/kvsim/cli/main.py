@@ -1,0 +1,18 @@
+"""Entry point of the `kvsim` command; subcommands live in sibling modules."""
+
+import typer
+
+from kvsim.cli import capture, traces
+
+app = typer.Typer(
+    name="kvsim",
+    help="Find the best KV-cache eviction policy and per-layer budget for a model and a workload.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.command(name="capture")(capture.capture)
+app.add_typer(traces.app, name="traces")
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,92 @@
+"""Causal attention that also returns per-key column statistics, without a T×T matrix in memory.
+
+Scorers such as H2O (accumulated attention) and the CAKE/SnapKV family need, for every key, how
+much attention the prompt's queries gave it. Summing softmax probabilities column-wise while the
+attention itself is computed costs one extra reduction per chunk of query rows, instead of a
+second pass over the prompt. Rows are processed in chunks sized to a memory budget, so peak memory
+is O(chunk · T) rather than O(T²).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """Outputs of `causal_attention_column_stats`.
+
+    output: [heads, n, head_dim] attention output, in the query's dtype.
+    colsum: [groups, heads, T] float32, per row group, Σ_rows p(row, key).
+    colsq:  [groups, heads, T] float32, per row group, Σ_rows p(row, key)².
+    lse:    [heads, n] float32, log-sum-exp of each row's scaled scores.
+    """
+
+    output: torch.Tensor
+    colsum: torch.Tensor
+    colsq: torch.Tensor
+    lse: torch.Tensor
+
+
+def causal_attention_column_stats(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    row_splits: Sequence[int] = (),
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> ColumnStats:
+    """Causal softmax attention of `n` queries over `T` keys with column sums per row group.
+
+    query: [heads, n, head_dim], the queries of positions T−n … T−1 (RoPE applied).
+    key, value: [kv_heads, T, head_dim]; heads must be a multiple of kv_heads (grouped-query
+        attention: query head h reads KV head h // (heads // kv_heads)).
+    row_splits: increasing row indices in (0, n) that cut the rows into groups; statistics are
+        kept per group, e.g. split at the end of the context to get both evaluation modes' sums
+        from one forward pass (they are additive over rows).
+    """
+    heads, n, head_dim = query.shape
+    kv_heads, total, _ = key.shape
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    group = heads // kv_heads
+    offset = total - n
+    bounds = [0, *row_splits, n]
+    if any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"row_splits {list(row_splits)} must increase strictly inside (0, {n})")
+
+    q = query.float().reshape(kv_heads, group, n, head_dim)
+    k = key.float()
+    v = value.float()
+    output = torch.empty(kv_heads, group, n, head_dim, dtype=torch.float32)
+    lse = torch.empty(kv_heads, group, n, dtype=torch.float32)
+    colsum = torch.zeros(len(bounds) - 1, kv_heads, group, total, dtype=torch.float32)
+    colsq = torch.zeros_like(colsum)
+    rows_per_chunk = max(1, chunk_bytes // (4 * heads * total))
+
+    for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        for row0 in range(start, stop, rows_per_chunk):
+            row1 = min(row0 + rows_per_chunk, stop)
+            visible = offset + row1  # keys beyond the chunk's last position are masked for every row
+            scores = torch.matmul(q[:, :, row0:row1], k[:, None, :visible].transpose(-1, -2)) * scaling
+            positions = torch.arange(offset + row0, offset + row1)
+            future = torch.arange(visible)[None, :] > positions[:, None]
+            scores.masked_fill_(future, float("-inf"))
+            row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            probs = torch.exp_(scores - row_lse)
+            output[:, :, row0:row1] = torch.matmul(probs, v[:, None, :visible])
+            lse[:, :, row0:row1] = row_lse.squeeze(-1)
+            colsum[index, :, :, :visible] += probs.sum(dim=2)
+            colsq[index, :, :, :visible] += probs.square_().sum(dim=2)
+
+    return ColumnStats(
+        output=output.reshape(heads, n, head_dim).to(query.dtype),
+        colsum=colsum.reshape(-1, heads, total),
+        colsq=colsq.reshape(-1, heads, total),
+        lse=lse.reshape(heads, n),
+    )

@@ -1,0 +1,56 @@
+"""Where kvsim keeps files between runs, and how it writes them without leaving half-written ones."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from kvsim.errors import KvsimError
+
+
+def cache_root() -> Path:
+    """The kvsim cache folder: `$KVSIM_CACHE`, else `$XDG_CACHE_HOME/kvsim`, else `~/.cache/kvsim`."""
+    if env := os.environ.get("KVSIM_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvsim"
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
+
+    A crash or Ctrl-C leaves either the old file or the new one, never a torn one; the rename is
+    atomic because the temporary file lives in the same folder (same filesystem).
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_writable_dir(path: Path, what: str) -> Path:
+    """Create `path` if needed and prove we can write there, before any long work starts."""
+    if path.exists() and not path.is_dir():
+        raise KvsimError(f"{what} {path} exists and is not a folder: pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".kvsim-write-probe-", delete=True)
+        probe.close()
+    except OSError as err:
+        raise KvsimError(f"{what} {path} is not writable ({err.strerror}): pass a folder you can write to") from err
+    return path

@@ -1,0 +1,90 @@
+"""Record post-RoPE queries and attention column statistics from inside a transformers forward.
+
+transformers routes every attention call of Llama/Mistral/Qwen-style models through a registered
+attention function that receives the post-RoPE queries and the layer's full post-RoPE keys and
+values. kvsim registers one such function. While a `ForwardRecorder` is active it computes the
+attention itself (chunked, with column sums, see `kvsim.kernels`) and keeps the query rows the
+TraceSet stores; otherwise it is plain SDPA, so a model left in this mode still works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+
+from kvsim.kernels import causal_attention_column_stats
+
+ATTENTION_NAME = "kvsim_capture"
+
+_active: ContextVar[ForwardRecorder | None] = ContextVar("kvsim_forward_recorder", default=None)
+
+
+class ForwardRecorder:
+    """What one sample's capture keeps, per layer, as the model runs.
+
+    keep_queries_from: first prompt row whose query is kept (every later query, continuation
+        included, is kept too).
+    row_splits: prompt rows that cut the column statistics into separately summed groups.
+    """
+
+    def __init__(self, n_layers: int, keep_queries_from: int, row_splits: Sequence[int] = ()) -> None:
+        self.keep_queries_from = keep_queries_from
+        self.row_splits = tuple(row_splits)
+        self.query_rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.colsum: list[torch.Tensor | None] = [None] * n_layers
+        self.colsq: list[torch.Tensor | None] = [None] * n_layers
+
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Attention output [1, n, heads, head_dim] for query [1, heads, n, d], key/value [1, kv_heads, T, d]."""
+        if query.shape[0] != 1:
+            raise ValueError("capture runs one sample at a time (batch size 1)")
+        n, total = query.shape[2], key.shape[2]
+        if n == 1:
+            output = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)[0]
+            self.query_rows[layer].append(query[0].clone())
+        elif n == total:
+            stats = causal_attention_column_stats(query[0], key[0], value[0], scaling, self.row_splits)
+            self.colsum[layer], self.colsq[layer] = stats.colsum, stats.colsq
+            self.query_rows[layer].append(query[0, :, self.keep_queries_from :].clone())
+            output = stats.output
+        else:
+            raise ValueError("capture supports one prefill forward followed by single-token steps")
+        return output.transpose(0, 1).unsqueeze(0)
+
+    def queries(self, layer: int) -> torch.Tensor:
+        """[heads, rows, head_dim]: the kept prompt rows followed by one row per decode step."""
+        return torch.cat(self.query_rows[layer], dim=1)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    recorder = _active.get()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if recorder is None:
+        output = F.scaled_dot_product_attention(
+            query, key, value, is_causal=query.shape[2] > 1, scale=scale, enable_gqa=True
+        )
+        return output.transpose(1, 2).contiguous(), None
+    return recorder.attend(module.layer_idx, query, key, value, scale), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _attention)
+
+
+@contextmanager
+def recording(model: PreTrainedModel, recorder: ForwardRecorder) -> Iterator[ForwardRecorder]:
+    """Route `model`'s attention through `recorder` for the duration of the block."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    token = _active.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _active.reset(token)
+        model.set_attn_implementation(previous)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the bundled model (cached after its first dequantization) and tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from kvsim.traces.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model, load_tokenizer
+
+# Tiny shapes with different GQA group sizes (3 and 4) and head dims, so layout bugs show.
+TINY_CONFIGS = {
+    "llama": lambda vocab: LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        )
+    ),
+    "qwen2": lambda vocab: Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True,
+        )
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> LoadedModel:
+    return load_model(DEFAULT_MODEL)
+
+
+def build_tiny_model(arch: str, tokenizer) -> LoadedModel:
+    """A random-weight model of `arch` that shares the bundled tokenizer (and its chat template)."""
+    torch.manual_seed(0)
+    model = TINY_CONFIGS[arch](len(tokenizer)).eval()
+    return LoadedModel(model, tokenizer, ModelSource(f"tiny-{arch}", "local", "<memory>"))
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_model(request, bundled_tokenizer) -> LoadedModel:
+    return build_tiny_model(request.param, bundled_tokenizer)
