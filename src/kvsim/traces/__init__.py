@@ -1,0 +1,1 @@
+"""Models, workloads, capture and the TraceSet store."""
