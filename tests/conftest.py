@@ -45,3 +45,8 @@ def build_tiny_model(arch: str, tokenizer) -> LoadedModel:
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
 def tiny_model(request, bundled_tokenizer) -> LoadedModel:
     return build_tiny_model(request.param, bundled_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(bundled_tokenizer) -> LoadedModel:
+    return build_tiny_model("llama", bundled_tokenizer)
