@@ -1,0 +1,40 @@
+"""Apply a policy to a whole cache: score every layer, allocate, select. The simulator and the live
+cache both call these, which is what makes their decisions identical."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvsim.policies.budget import Budget
+from kvsim.policies.policy import Policy
+from kvsim.policies.selection import keep_mask, protected_priority
+from kvsim.policies.view import CacheView
+
+
+def allocate(policy: Policy, views: Sequence[CacheView], budget: Budget, prompt_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(scores per layer [kv_heads, n], budgets [n_layers, kv_heads]) at the end of prefill."""
+    scores = [policy.scorer.score(view) for view in views]
+    budgets = policy.allocator.allocate(views, scores, budget.per_head(prompt_len))
+    return scores, budgets
+
+
+def select(policy: Policy, view: CacheView, scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """[kv_heads, n] bool kept tokens of one layer, sinks and recent window first.
+
+    The recent window is counted in positions from the newest cached token, and tokens a head no
+    longer holds (`view.present`) are never kept again.
+    """
+    schedule = policy.schedule
+    priority = protected_priority(view.length, schedule.sinks, schedule.recent)
+    if view.present is None:
+        return keep_mask(scores, budgets, priority)
+    scores = scores.masked_fill(~view.present, float("-inf"))
+    return keep_mask(scores, budgets, priority * view.present) & view.present
+
+
+def compress_prefill(policy: Policy, views: Sequence[CacheView], budget: Budget, prompt_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(kept mask per layer [kv_heads, n], budgets [n_layers, kv_heads])."""
+    scores, budgets = allocate(policy, views, budget, prompt_len)
+    return [select(policy, view, s, b) for view, s, b in zip(views, scores, budgets)], budgets

@@ -1,0 +1,62 @@
+"""A policy: scorer × allocator × schedule × retention, with its JSON spec."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvsim.errors import KvsimError
+from kvsim.policies.allocators.base import Allocator
+from kvsim.policies.parts import KINDS, part_from_spec
+from kvsim.policies.retention import Drop, Retention
+from kvsim.policies.schedules import PrefillOnce, Schedule
+from kvsim.policies.scorers.base import Scorer
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One eviction policy. `name` labels it in results; the parts decide everything else."""
+
+    name: str
+    scorer: Scorer
+    allocator: Allocator
+    schedule: Schedule = field(default_factory=PrefillOnce)
+    retention: Retention = field(default_factory=Drop)
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"name": self.name, **{kind: getattr(self, kind).to_spec() for kind in KINDS}}
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> Policy:
+        if not isinstance(spec, dict):
+            raise KvsimError(f"a policy spec must be a JSON object, got {type(spec).__name__}")
+        unknown = set(spec) - {"name", *KINDS}
+        if unknown:
+            raise KvsimError(f"policy spec has unknown keys {sorted(unknown)}: use name, {', '.join(KINDS)}")
+        missing = [kind for kind in ("scorer", "allocator") if kind not in spec]
+        if missing:
+            raise KvsimError(f"policy spec is missing {', '.join(missing)}")
+        parts = {kind: part_from_spec(kind, spec[kind]) for kind in KINDS if kind in spec}
+        return cls(name=str(spec.get("name", "custom")), **parts)
+
+    def check_model(self, n_layers: int) -> None:
+        """Parts sized for a model (a per-layer vector) must match the model evaluated."""
+        expected = getattr(self.allocator, "n_layers", None)
+        if expected is not None and expected != n_layers:
+            raise KvsimError(
+                f"policy {self.name!r} has a per-layer budget vector of length {expected}, "
+                f"but the model has {n_layers} layers: search or write a vector of length {n_layers}"
+            )
+
+
+def load_policy_spec(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except OSError as err:
+        raise KvsimError(f"cannot read policy spec {path}: {err.strerror}") from err
+    except json.JSONDecodeError as err:
+        raise KvsimError(f"policy spec {path} is not valid JSON (line {err.lineno}): fix the file") from err
+    return Policy.from_spec(spec.get("policy", spec) if isinstance(spec, dict) else spec)

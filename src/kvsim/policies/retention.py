@@ -1,0 +1,117 @@
+"""What happens to an evicted token: dropped, merged into a kept one, or kept in low precision.
+
+Every retention gets the same inputs (the cache's keys and values, the tokens kept, the tokens
+evicted now) and returns the same thing: keys and values at full length, some rewritten, and which
+evicted tokens stay readable in low precision. So the simulator and the live cache measure and
+store any of them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from kvsim.policies.parts import Part, check, register
+
+
+class Retained(NamedTuple):
+    keys: torch.Tensor  # [kv_heads, n, d]
+    values: torch.Tensor  # [kv_heads, n, d]
+    low_precision: torch.Tensor  # [kv_heads, n] bool: evicted, but still readable at reduced precision
+
+
+@dataclass(frozen=True)
+class Retention(Part):
+    kind: ClassVar[str] = "retention"
+
+    def retain(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor) -> Retained:
+        """keys, values: [kv_heads, n, d]; keep, evicted: [kv_heads, n] bool, disjoint."""
+        raise NotImplementedError
+
+    def bits(self) -> int | None:
+        """Bits per element of low-precision tokens; None when there are none."""
+        return None
+
+
+@register
+@dataclass(frozen=True)
+class Drop(Retention):
+    name = "drop"
+
+    def retain(self, keys, values, keep, evicted):
+        return Retained(keys, values, torch.zeros_like(keep))
+
+
+@register
+@dataclass(frozen=True)
+class Merge(Retention):
+    """Fold each evicted token into its most similar kept token (D2O, Wan et al., ICLR 2025).
+
+    Per KV head, an evicted token whose key's cosine similarity to its nearest kept key is at
+    least `threshold` is merged: target ← (target + Σ sim·evicted) / (1 + count), for keys and
+    values alike (D2O's `scatter_reduce(mean, include_self=True)` of similarity-weighted tokens).
+    D2O sets the threshold by an EMA of mean similarities; here it is a parameter search can tune.
+    """
+
+    name = "merge"
+    threshold: float = 0.5
+
+    def validate(self) -> None:
+        check(-1.0 <= self.threshold <= 1.0, self, f"threshold must be in [-1, 1], got {self.threshold}")
+
+    @classmethod
+    def suggest(cls, trial, prefix: str) -> Merge:
+        return cls(threshold=trial.suggest_float(f"{prefix}threshold", 0.0, 0.95))
+
+    def retain(self, keys, values, keep, evicted):
+        unit = torch.nn.functional.normalize(keys, dim=-1)
+        similarity = unit @ unit.transpose(-1, -2)  # [kv, n, n]
+        similarity = similarity.masked_fill(~keep[:, None, :], float("-inf"))
+        best, target = similarity.max(dim=-1)  # per token: its nearest kept token
+        merged = evicted & (best >= self.threshold)
+        weight = torch.where(merged, best, torch.zeros_like(best))[..., None]
+        index = target[..., None].expand_as(keys)
+        new_keys = keys.clone().scatter_add_(1, index, weight * keys)
+        new_values = values.clone().scatter_add_(1, index, weight * values)
+        counts = torch.ones_like(best).scatter_add_(1, target, merged.to(best.dtype))[..., None]
+        new_keys = torch.where(keep[..., None], new_keys / counts, keys)
+        new_values = torch.where(keep[..., None], new_values / counts, values)
+        return Retained(new_keys, new_values, torch.zeros_like(keep))
+
+
+@register
+@dataclass(frozen=True)
+class Quantize(Retention):
+    """Keep evicted tokens in `bits`-bit precision instead of dropping them (MiKV, Yang et al., 2024).
+
+    Per token and head, asymmetric round-to-nearest: scale = (max − min) / (2^bits − 1), zero = min,
+    over the head dimension. MiKV's per-channel key/query balancer is not applied (a known gap).
+    """
+
+    name = "quantize"
+    nbits: int = 2
+
+    def validate(self) -> None:
+        check(1 <= self.nbits <= 8, self, f"nbits must be in [1, 8], got {self.nbits}")
+
+    @classmethod
+    def suggest(cls, trial, prefix: str) -> Quantize:
+        return cls(nbits=trial.suggest_int(f"{prefix}nbits", 2, 4))
+
+    def bits(self) -> int | None:
+        return self.nbits
+
+    def retain(self, keys, values, keep, evicted):
+        low = evicted[..., None]
+        keys = torch.where(low, fake_quantize(keys, self.nbits), keys)
+        values = torch.where(low, fake_quantize(values, self.nbits), values)
+        return Retained(keys, values, evicted)
+
+
+def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize along the last dimension to `bits` bits and back (asymmetric, round to nearest)."""
+    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = ((high - low) / (2**bits - 1)).clamp(min=1e-8)
+    return ((x - low) / scale).round().clamp(0, 2**bits - 1) * scale + low

@@ -1,0 +1,72 @@
+"""What a policy sees of one layer's cache when it decides: the same object in the simulator and
+in the live cache, so one policy makes the same decisions in both places."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class CacheView:
+    """One layer's cache at a decision point.
+
+    keys, values: [kv_heads, n, head_dim] float32, post-RoPE, the tokens currently cached.
+    positions: [n] int64 absolute positions of those tokens (increasing).
+    queries: [heads, w, head_dim] float32, the observation window: the most recent w queries.
+    query_positions: [w] absolute positions of those queries.
+    colsum, colsq: [heads, n] float32, Σ and Σ² of the attention each cached token received from
+        every query so far (all prompt queries at the end of prefill), or None when unknown.
+    present: [kv_heads, n] bool, or None when every head holds every token. Heads evict
+        independently, so after per-head eviction a view spans the union of what the heads hold
+        and `present` says which head holds what; scorers' results are ignored where it is False.
+    """
+
+    layer: int
+    n_layers: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    queries: torch.Tensor
+    query_positions: torch.Tensor
+    scaling: float
+    colsum: torch.Tensor | None = None
+    colsq: torch.Tensor | None = None
+    present: torch.Tensor | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.queries.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[1]
+
+    def window(self, size: int) -> torch.Tensor:
+        """[heads, size, n]: causal softmax attention of the last `size` window queries."""
+        if size > self.queries.shape[1]:
+            raise ValueError(f"window {size} is longer than the {self.queries.shape[1]} queries observed")
+        return self.window_attention[:, -size:]
+
+    @cached_property
+    def window_attention(self) -> torch.Tensor:
+        group = self.heads // self.kv_heads
+        q = self.queries.reshape(self.kv_heads, group, -1, self.queries.shape[-1])
+        scores = torch.matmul(q, self.keys[:, None].transpose(-1, -2)) * self.scaling
+        hidden = self.positions[None, :] > self.query_positions[:, None]  # [w, n] causal
+        if self.present is not None:
+            hidden = hidden | ~self.present[:, None, None, :]  # [kv, 1, w, n]
+        scores = scores.masked_fill(hidden, float("-inf"))
+        return scores.softmax(-1).reshape(self.heads, -1, self.length)
+
+
+def reduce_group(per_query_head: torch.Tensor, kv_heads: int, how: str) -> torch.Tensor:
+    """[heads, ...] -> [kv_heads, ...]: combine the query heads of each GQA group by mean or max."""
+    grouped = per_query_head.reshape(kv_heads, -1, *per_query_head.shape[1:])
+    return grouped.mean(1) if how == "mean" else grouped.amax(1)

@@ -1,0 +1,87 @@
+"""The policy-independent half of a replay: full-cache attention of the continuation's queries.
+
+Computed once per (sample, layer) and shared by every policy and budget evaluated on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsim.policies.view import CacheView
+from kvsim.traces.store import TraceSample
+
+
+@dataclass
+class ContinuationAttention:
+    """Teacher-forced continuation queries of one layer against its full cache.
+
+    queries: [kv_heads, group, C, d]; keys, values: [kv_heads, T, d] (float32);
+    logits: [kv_heads, group, C, T] scaled scores with future positions at -inf;
+    probs, output: the full-cache softmax and attention output [kv_heads, group, C, d].
+    evidence: [T] bool, the annotated needle tokens.
+    """
+
+    prompt_len: int
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    output: torch.Tensor
+    evidence: torch.Tensor
+    scaling: float
+
+    @property
+    def rows(self) -> int:
+        return self.queries.shape[2]
+
+    @property
+    def total(self) -> int:
+        return self.keys.shape[1]
+
+
+def head_dim_scaling(head_dim: int) -> float:
+    # Llama, Mistral and Qwen2/3 all scale attention scores by 1/sqrt(head_dim).
+    return head_dim**-0.5
+
+
+def continuation_attention(sample: TraceSample, layer: int, window: int) -> ContinuationAttention:
+    trace = sample.layer(layer)
+    keys, values = trace.k.float(), trace.v.float()
+    kv_heads, total, head_dim = keys.shape
+    queries = trace.q[:, window:].float()
+    heads, rows, _ = queries.shape
+    queries = queries.reshape(kv_heads, heads // kv_heads, rows, head_dim)
+    scaling = head_dim_scaling(head_dim)
+    logits = torch.matmul(queries, keys[:, None].transpose(-1, -2)) * scaling
+    positions = torch.arange(sample.prompt_len, total)
+    logits.masked_fill_(torch.arange(total)[None, :] > positions[:, None], float("-inf"))
+    probs = logits.softmax(-1)
+    evidence = torch.zeros(total, dtype=torch.bool)
+    for start, end in sample.needle_spans:
+        evidence[start:end] = True
+    return ContinuationAttention(
+        sample.prompt_len, queries, keys, values, logits, probs, torch.matmul(probs, values[:, None]), evidence, scaling
+    )
+
+
+def prefill_view(sample: TraceSample, layer: int, n_layers: int, window: int) -> CacheView:
+    """The cache a policy sees at the end of the prompt: all prompt tokens, the window's queries,
+    and the column statistics over every prompt query."""
+    trace = sample.layer(layer)
+    prompt = sample.prompt_len
+    head_dim = trace.k.shape[-1]
+    return CacheView(
+        layer=layer,
+        n_layers=n_layers,
+        keys=trace.k[:, :prompt].float(),
+        values=trace.v[:, :prompt].float(),
+        positions=torch.arange(prompt),
+        queries=trace.q[:, :window].float(),
+        query_positions=torch.arange(prompt - window, prompt),
+        scaling=head_dim_scaling(head_dim),
+        colsum=trace.colsum,
+        colsq=trace.colsq,
+    )
