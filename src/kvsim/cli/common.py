@@ -11,8 +11,10 @@ from rich.console import Console
 
 from kvsim.errors import KvsimError
 
-console = Console()
-err_console = Console(stderr=True)
+# Tables stay readable when output goes to a file or CI log (rich assumes 80 columns there).
+_PIPED_WIDTH = 140
+console = Console(width=None if Console().is_terminal else _PIPED_WIDTH)
+err_console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else _PIPED_WIDTH)
 
 EXIT_BAD_INPUT = 2
 

@@ -2,7 +2,7 @@
 
 import typer
 
-from kvsim.cli import capture, traces
+from kvsim.cli import capture, simulate, traces
 
 app = typer.Typer(
     name="kvsim",
@@ -12,6 +12,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command(name="capture")(capture.capture)
+app.command(name="simulate")(simulate.simulate)
 app.add_typer(traces.app, name="traces")
 
 if __name__ == "__main__":

@@ -41,6 +41,20 @@ class Policy:
         parts = {kind: part_from_spec(kind, spec[kind]) for kind in KINDS if kind in spec}
         return cls(name=str(spec.get("name", "custom")), **parts)
 
+    @property
+    def observation_window(self) -> int:
+        """How many recent queries the policy's parts read (0 when none)."""
+        return max(getattr(getattr(self, kind), "window", 0) for kind in KINDS)
+
+    def check_traces(self, n_layers: int, window: int) -> None:
+        """Refuse a TraceSet or model the policy cannot run on, with the fix in the message."""
+        self.check_model(n_layers)
+        if self.observation_window > window:
+            raise KvsimError(
+                f"policy {self.name!r} reads a {self.observation_window}-query observation window, but the "
+                f"traces hold {window}: capture with --window {self.observation_window} or more"
+            )
+
     def check_model(self, n_layers: int) -> None:
         """Parts sized for a model (a per-layer vector) must match the model evaluated."""
         expected = getattr(self.allocator, "n_layers", None)

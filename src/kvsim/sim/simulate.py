@@ -46,7 +46,7 @@ def simulate(
 ) -> Simulation:
     budgets = [b if isinstance(b, Budget) else Budget(b) for b in budgets]
     for policy in policies:
-        policy.check_model(traceset.n_layers)
+        policy.check_traces(traceset.n_layers, traceset.meta["window"])
     rows = []
     for sample in traceset.samples(mode):
         rows += simulate_sample(traceset, sample, policies, budgets, oracle)
