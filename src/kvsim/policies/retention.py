@@ -34,6 +34,11 @@ class Retention(Part):
         """Bits per element of low-precision tokens; None when there are none."""
         return None
 
+    @property
+    def rewrites_kept(self) -> bool:
+        """Whether kept (full-precision) tokens' keys change, so attention over them must be recomputed."""
+        return False
+
 
 @register
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Merge(Retention):
 
     name = "merge"
     threshold: float = 0.5
+    rewrites_kept = True
 
     def validate(self) -> None:
         check(-1.0 <= self.threshold <= 1.0, self, f"threshold must be in [-1, 1], got {self.threshold}")

@@ -35,6 +35,7 @@ class CacheView:
     colsum: torch.Tensor | None = None
     colsq: torch.Tensor | None = None
     present: torch.Tensor | None = None
+    window_logits: torch.Tensor | None = None  # [heads, w, n] scaled q·k, when already computed
 
     @property
     def kv_heads(self) -> int:
@@ -57,8 +58,11 @@ class CacheView:
     @cached_property
     def window_attention(self) -> torch.Tensor:
         group = self.heads // self.kv_heads
-        q = self.queries.reshape(self.kv_heads, group, -1, self.queries.shape[-1])
-        scores = torch.matmul(q, self.keys[:, None].transpose(-1, -2)) * self.scaling
+        if self.window_logits is not None:
+            scores = self.window_logits.reshape(self.kv_heads, group, -1, self.length)
+        else:
+            q = self.queries.reshape(self.kv_heads, group, -1, self.queries.shape[-1])
+            scores = torch.matmul(q, self.keys[:, None].transpose(-1, -2)) * self.scaling
         hidden = self.positions[None, :] > self.query_positions[:, None]  # [w, n] causal
         if self.present is not None:
             hidden = hidden | ~self.present[:, None, None, :]  # [kv, 1, w, n]

@@ -45,36 +45,42 @@ class MetricSums:
 def block_metrics(
     full: ContinuationAttention,
     rows: slice,
+    columns: torch.Tensor,
     readable: torch.Tensor,
     keys: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
 ) -> tuple[MetricSums, torch.Tensor]:
-    """Metrics of continuation rows `rows` when attention reads only `readable` tokens.
+    """Metrics of continuation rows `rows` when attention reads only some tokens.
 
-    readable: [kv_heads, T] or [kv_heads, r, T] bool (future positions are masked regardless).
-    keys, values: [kv_heads, T, d] rewritten by retention, or None when unchanged.
-    Returns the sums and the compressed attention probabilities [kv_heads, group, r, T], which
+    columns: [kv_heads, m] positions per KV head that attention may read (padding allowed);
+    readable: [kv_heads, m] bool marking the real ones (future positions are masked regardless).
+    keys, values: [kv_heads, m, d] at those columns when retention rewrote them, else None.
+    Work grows with m, not with the sequence: a prefill-once policy at a 10% budget passes only
+    its kept prompt tokens and the continuation.
+    Returns the sums and the compressed attention probabilities [kv_heads, group, r, m], which
     every-step replays feed back into accumulated scores.
     """
-    if readable.dim() == 2:
-        readable = readable[:, None, :]
-    probs_full = full.probs[:, :, rows]
-    logits = full.logits[:, :, rows]
+    kv_heads, group, _, head_dim = full.queries.shape
+    queries = full.queries[:, :, rows]
+    index = columns[:, None, None, :].expand(kv_heads, group, queries.shape[2], columns.shape[1])
+    full_logits = full.logits[:, :, rows].gather(-1, index)
+    logits = full_logits
     if keys is not None:
-        logits = torch.matmul(full.queries[:, :, rows], keys[:, None].transpose(-1, -2)) * full.scaling
-        logits = logits.masked_fill(torch.isinf(full.logits[:, :, rows]), float("-inf"))
-    logits = logits.masked_fill(~readable[:, None], float("-inf"))
-    probs = torch.nan_to_num(logits.softmax(-1), nan=0.0)
-    output = torch.matmul(probs, (values if values is not None else full.values)[:, None])
+        logits = torch.matmul(queries, keys[:, None].transpose(-1, -2)) * full.scaling
+        logits = logits.masked_fill(torch.isinf(full_logits), float("-inf"))
+    visible = readable[:, None, None, :]
+    probs = torch.nan_to_num(logits.masked_fill(~visible, float("-inf")).softmax(-1), nan=0.0)
+    if values is None:
+        values = full.values.gather(1, columns[..., None].expand(-1, -1, head_dim))
+    output = torch.matmul(probs, values[:, None])
     reference = full.output[:, :, rows]
     error = (output - reference).norm(dim=-1) / reference.norm(dim=-1).clamp(min=1e-12)
-    kept_mass = probs_full * readable[:, None]
-    evidence = full.evidence[: readable.shape[-1]]
+    kept_mass = full.probs[:, :, rows].gather(-1, index) * visible
     sums = MetricSums(
         recall=float(kept_mass.sum()),
         error=float(error.sum()),
-        evidence_kept=float(kept_mass[..., evidence].sum()),
-        evidence_total=float(probs_full[..., evidence].sum()),
+        evidence_kept=float((kept_mass * full.evidence[columns][:, None, None, :]).sum()),
+        evidence_total=float(full.probs[:, :, rows][..., full.evidence].sum()),
         count=error.numel(),
     )
     return sums, probs

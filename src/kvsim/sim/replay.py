@@ -64,14 +64,27 @@ def replay_selection(
 
 def _prefill_once(retention: Retention, view: CacheView, full: ContinuationAttention, keep: torch.Tensor) -> LayerOutcome:
     retained = retention.retain(view.keys, view.values, keep, ~keep)
-    continuation = torch.ones(view.kv_heads, full.total - view.length, dtype=torch.bool)
-    readable = torch.cat([keep | retained.low_precision, continuation], dim=1)
-    rewritten = retained.keys is not view.keys or retained.values is not view.values
-    keys = torch.cat([retained.keys, full.keys[:, view.length :]], dim=1) if rewritten else None
-    values = torch.cat([retained.values, full.values[:, view.length :]], dim=1) if rewritten else None
-    sums, _ = block_metrics(full, slice(None), readable, keys, values)
+    readable = keep | retained.low_precision
+    # Each head's readable prompt positions first (in order), padding after; then the continuation.
+    counts = readable.sum(dim=1)
+    width = int(counts.max())
+    prompt_columns = torch.sort(readable.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
+    prompt_readable = torch.arange(width)[None, :] < counts[:, None]
+    continuation = torch.arange(view.length, full.total).expand(view.kv_heads, -1)
+    columns = torch.cat([prompt_columns, continuation], dim=1)
+    readable_columns = torch.cat([prompt_readable, torch.ones_like(continuation, dtype=torch.bool)], dim=1)
+    keys = values = None
+    if retained.keys is not view.keys or retained.values is not view.values:
+        keys = _at(torch.cat([retained.keys, full.keys[:, view.length :]], dim=1), columns)
+        values = _at(torch.cat([retained.values, full.values[:, view.length :]], dim=1), columns)
+    sums, _ = block_metrics(full, slice(None), columns, readable_columns, keys, values)
     kept = int(keep.sum()) + continuation.numel()
     return _outcome(retention, view, sums, kept, int(retained.low_precision.sum()))
+
+
+def _at(tensor: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[kv_heads, T, d] -> [kv_heads, m, d] at each head's columns."""
+    return tensor.gather(1, columns[..., None].expand(-1, -1, tensor.shape[-1]))
 
 
 def _stepwise(
@@ -90,11 +103,17 @@ def _stepwise(
         colsum[:, :prompt] = view.colsum
     window = view.queries.shape[1]
     all_queries = torch.cat([view.queries, full.queries.reshape(view.heads, full.rows, -1)], dim=1)
+    # Scores of every window a rescoring step will see, computed once (valid while kept keys stay unchanged).
+    all_logits = None
+    if not policy.retention.rewrites_kept:
+        grouped = all_queries.reshape(kv_heads, -1, all_queries.shape[1], all_queries.shape[2])
+        all_logits = (torch.matmul(grouped, keys[:, None].transpose(-1, -2)) * view.scaling).reshape(view.heads, -1, total)
     sums = MetricSums()
+    columns = torch.arange(total).expand(kv_heads, -1)
     for row in range(full.rows):
         position = prompt + row
         held[:, position] = True
-        block, probs = block_metrics(full, slice(row, row + 1), held | low, keys, values)
+        block, probs = block_metrics(full, slice(row, row + 1), columns, held | low, keys, values)
         sums.add(block)
         colsum += probs.reshape(view.heads, total)
         if (row + 1) % policy.schedule.interval:
@@ -110,6 +129,7 @@ def _stepwise(
             colsum=colsum[:, :end],
             colsq=None,
             present=held[:, :end],
+            window_logits=None if all_logits is None else all_logits[:, row + 1 : row + 1 + window, :end],
         )
         kept = select(policy, current, policy.scorer.score(current), budgets)
         evicted = held[:, :end] & ~kept
