@@ -1,3 +1,13 @@
 """Budget allocators; importing this package registers them."""
 
-from kvsim.policies.allocators import uniform  # noqa: F401
+from kvsim.policies.allocators import (  # noqa: F401
+    all_tokens,
+    cake_preference,
+    free_vector,
+    head_adaptive,
+    prefix_mass,
+    pyramid,
+    retrieval_heads,
+    uniform,
+    variance_softmax,
+)

@@ -60,3 +60,27 @@ def apportion(weights: torch.Tensor, total: int, caps: torch.Tensor, floor: int 
 def layer_caps(views: Sequence[CacheView]) -> torch.Tensor:
     """[n_layers, kv_heads]: no head can keep more tokens than its layer holds."""
     return torch.tensor([[view.length] * view.kv_heads for view in views], dtype=torch.int64)
+
+
+def proportional(weights: torch.Tensor, total: int, caps: torch.Tensor, floor: int = 1) -> torch.Tensor:
+    """Integer budgets as close as possible to total · weights / Σ weights, within [floor, caps].
+
+    `apportion` hands out the floor first and splits only the rest by weight, which moves
+    proportional shares by up to a token each; here an entry is raised to the floor only when its
+    proportional share is below it, and the others give back in proportion to what they hold above
+    the floor (so weights 1, 2, 3 of 30 are exactly 5, 10, 15).
+    """
+    weights = weights.double().clamp(min=0)
+    if weights.sum() <= 0:
+        weights = torch.ones_like(weights)
+    ideal = weights / weights.sum() * total
+    return apportion((ideal - floor).clamp(min=0), total, caps, floor)
+
+
+def layer_budgets(weights: torch.Tensor, views: Sequence[CacheView], per_head: int, floor: int = 1) -> torch.Tensor:
+    """[n_layers, kv_heads]: one budget per layer, proportional to `weights` [n_layers] (see
+    `proportional`), shared by all KV heads of the layer, summing exactly to
+    n_layers · kv_heads · per_head."""
+    caps = torch.tensor([view.length for view in views], dtype=torch.int64)
+    per_layer = proportional(weights, per_head * len(views), caps, floor)
+    return per_layer[:, None].expand(-1, views[0].kv_heads).contiguous()

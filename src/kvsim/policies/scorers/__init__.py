@@ -1,3 +1,13 @@
 """Token scorers; importing this package registers them."""
 
-from kvsim.policies.scorers import window_attention  # noqa: F401
+from kvsim.policies.scorers import (  # noqa: F401
+    accumulated_attention,
+    cake_indicator,
+    global_local,
+    key_norm,
+    last_query,
+    random_scores,
+    recency,
+    recurrence,
+    window_attention,
+)
