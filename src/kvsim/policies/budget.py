@@ -4,7 +4,8 @@ A budget is either a fraction of the compressed prompt's length (`0 < b <= 1`) o
 (`b >= 1` given as an int). It means: on average, each layer and KV head keeps
 `per_head = round(b * prompt_len)` (or `b`) of the prompt's tokens, sinks and recent window
 included, so the whole cache holds exactly `n_layers * kv_heads * per_head` prompt tokens after
-compression. Allocators may move tokens between layers and heads but never change that total.
+compression. Allocators may move tokens between layers and heads but never change that total
+(the one exception is `all_tokens`, the allocator of the `full` reference preset, which keeps all).
 Tokens generated after the prompt are not part of the budget for prefill-once schedules (the
 cache grows as in SnapKV); every-step schedules hold each head at its budget.
 """

@@ -62,6 +62,10 @@ def part_from_spec(kind: str, spec: Any) -> Part:
         if key not in fields:
             raise KvsimError(f"{kind} {name!r} has no parameter {key!r}: its parameters are {', '.join(sorted(fields)) or 'none'}")
         params[key] = _coerce(value, hints[key], f"{kind} {name!r} parameter {key!r}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in params]
+    if missing:
+        raise KvsimError(f"{kind} {name!r} needs parameter(s) {', '.join(missing)}")
     return cls(**params)
 
 

@@ -8,6 +8,8 @@ from functools import cached_property
 
 import torch
 
+from kvsim.errors import KvsimError
+
 
 @dataclass
 class CacheView:
@@ -52,7 +54,10 @@ class CacheView:
     def window(self, size: int) -> torch.Tensor:
         """[heads, size, n]: causal softmax attention of the last `size` window queries."""
         if size > self.queries.shape[1]:
-            raise ValueError(f"window {size} is longer than the {self.queries.shape[1]} queries observed")
+            raise KvsimError(
+                f"a policy reads a {size}-query window but only {self.queries.shape[1]} queries were observed: "
+                f"capture with --window {size} or more"
+            )
         return self.window_attention[:, -size:]
 
     @cached_property
