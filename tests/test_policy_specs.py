@@ -1,0 +1,88 @@
+"""Policy specs round-trip through JSON, and every kind of bad spec or budget is one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kvsim.cli.main import app
+from kvsim.errors import KvsimError
+from kvsim.policies import PRESETS, Budget, Policy, load_policy_spec, resolve_policy
+from kvsim.traces.synthetic import synthetic_traceset
+
+
+def snapkv_spec(**changes):
+    spec = PRESETS["snapkv"].to_spec()
+    for path, value in changes.items():
+        kind, key = path.split("__")
+        spec[kind][key] = value
+    return spec
+
+
+def test_spec_files_round_trip(tmp_path):
+    for policy in PRESETS.values():
+        path = tmp_path / f"{policy.name}.json"
+        path.write_text(json.dumps(policy.to_spec()))
+        assert load_policy_spec(path) == policy == resolve_policy(str(path))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (snapkv_spec(scorer__name="snapkvv"), "unknown scorer 'snapkvv'"),
+        (snapkv_spec(scorer__windw=8), "has no parameter 'windw'"),
+        (snapkv_spec(scorer__window="32"), "must be int, got '32'"),
+        (snapkv_spec(scorer__kernel=4), "kernel must be an odd number"),
+        (snapkv_spec(schedule__recent=-1), "recent must be >= 0"),
+        (snapkv_spec(retention__name="zip"), "unknown retention 'zip'"),
+        ({"name": "x", "scorer": "key_norm"}, "missing allocator"),
+        ({"scorer": "key_norm", "allocator": "uniform", "budget": 0.1}, "unknown keys ['budget']"),
+        ({"scorer": "key_norm", "allocator": {"name": "free_vector", "weights": [1, "a"]}}, "must be float"),
+    ],
+)
+def test_bad_specs_name_the_problem(spec, message):
+    with pytest.raises(KvsimError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Policy.from_spec(spec)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -3, 0, True, "a"])
+def test_budgets_outside_the_rule_are_refused(value):
+    with pytest.raises(KvsimError, match="budget"):
+        Budget(value)
+
+
+def test_budget_parse_and_rounding():
+    assert Budget.parse("0.1").per_head(1234) == 123 and Budget.parse("256").per_head(1234) == 256
+    assert Budget(0.001).per_head(100) == 1  # never zero tokens
+    with pytest.raises(KvsimError, match="not a number"):
+        Budget.parse("ten percent")
+
+
+def test_a_per_layer_vector_must_match_the_model(tmp_path):
+    traceset = synthetic_traceset(tmp_path, n_layers=2, prompt_len=40, window=32)
+    spec = {"name": "vec", "scorer": "key_norm", "allocator": {"name": "free_vector", "weights": [1.0, 2.0, 3.0]}}
+    from kvsim.sim import simulate
+
+    with pytest.raises(KvsimError, match="length 3, but the model has 2 layers"):
+        simulate(traceset, [Policy.from_spec(spec)], [0.5])
+
+
+def test_simulate_cli_writes_both_tables_and_refuses_bad_input(tmp_path):
+    traces = synthetic_traceset(tmp_path / "t", prompt_len=40, continuation=4, window=32).root
+    runner = CliRunner()
+    out = tmp_path / "sim" / "r.parquet"
+    result = runner.invoke(app, ["simulate", "--traces", str(traces), "--policy", "snapkv,knorm", "--budget", "0.25",
+                                 "--budget", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and out.with_name("r.samples.parquet").exists() and "oracle" in result.output
+    for args, message in [
+        (["--policy", "snapk"], "unknown policy 'snapk'"),
+        (["--budget", "1.5"], "outside (0, 1]"),
+        (["--budget", "400"], "above the prompt length 40"),
+        (["--mode", "aware"], "unknown mode 'aware'"),
+    ]:
+        bad = runner.invoke(app, ["simulate", "--traces", str(traces), "--out", str(tmp_path / "x.parquet"), *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    assert not (tmp_path / "x.parquet").exists()
