@@ -72,16 +72,23 @@ class Merge(Retention):
         return cls(threshold=trial.suggest_float(f"{prefix}threshold", 0.0, 0.95))
 
     def retain(self, keys, values, keep, evicted):
+        # Only tokens evicted now are compared (one per head per step in every-step replays), so
+        # the cost is O(evicted · n) rather than O(n²).
+        rows = evicted.any(dim=0).nonzero().flatten()
+        if rows.numel() == 0:
+            return Retained(keys, values, torch.zeros_like(keep))
         unit = torch.nn.functional.normalize(keys, dim=-1)
-        similarity = unit @ unit.transpose(-1, -2)  # [kv, n, n]
+        similarity = unit[:, rows] @ unit.transpose(-1, -2)  # [kv, evicted, n]
         similarity = similarity.masked_fill(~keep[:, None, :], float("-inf"))
-        best, target = similarity.max(dim=-1)  # per token: its nearest kept token
-        merged = evicted & (best >= self.threshold)
+        best, target = similarity.max(dim=-1)  # each evicted token's nearest kept token
+        merged = evicted[:, rows] & (best >= self.threshold)
         weight = torch.where(merged, best, torch.zeros_like(best))[..., None]
-        index = target[..., None].expand_as(keys)
-        new_keys = keys.clone().scatter_add_(1, index, weight * keys)
-        new_values = values.clone().scatter_add_(1, index, weight * values)
-        counts = torch.ones_like(best).scatter_add_(1, target, merged.to(best.dtype))[..., None]
+        def fold(tensor: torch.Tensor) -> torch.Tensor:
+            index = target[..., None].expand(-1, -1, tensor.shape[-1])
+            return tensor.clone().scatter_add_(1, index, weight * tensor[:, rows])
+
+        new_keys, new_values = fold(keys), fold(values)
+        counts = torch.ones(keys.shape[:2]).scatter_add_(1, target, merged.to(keys.dtype))[..., None]
         new_keys = torch.where(keep[..., None], new_keys / counts, keys)
         new_values = torch.where(keep[..., None], new_values / counts, values)
         return Retained(new_keys, new_values, torch.zeros_like(keep))
