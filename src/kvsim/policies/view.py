@@ -66,8 +66,9 @@ class CacheView:
         if self.window_logits is not None:
             scores = self.window_logits.reshape(self.kv_heads, group, -1, self.length)
         else:
-            q = self.queries.reshape(self.kv_heads, group, -1, self.queries.shape[-1])
-            scores = torch.matmul(q, self.keys[:, None].transpose(-1, -2)) * self.scaling
+            # One matmul per KV head over its whole group (broadcasting the keys would copy them).
+            q = self.queries.reshape(self.kv_heads, -1, self.queries.shape[-1])
+            scores = (torch.matmul(q, self.keys.transpose(-1, -2)) * self.scaling).reshape(self.kv_heads, group, -1, self.length)
         hidden = self.positions[None, :] > self.query_positions[:, None]  # [w, n] causal
         if self.present is not None:
             hidden = hidden | ~self.present[:, None, None, :]  # [kv, 1, w, n]

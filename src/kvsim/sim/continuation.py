@@ -42,6 +42,14 @@ class ContinuationAttention:
         return self.keys.shape[1]
 
 
+def grouped_matmul(per_query_head: torch.Tensor, per_kv_head: torch.Tensor) -> torch.Tensor:
+    """[kv, group, r, a] @ [kv, a, b] -> [kv, group, r, b] as one batched matmul per KV head,
+    without broadcasting the KV operand over the group (which copies it on CPU)."""
+    kv_heads, group, rows, inner = per_query_head.shape
+    flat = torch.matmul(per_query_head.reshape(kv_heads, group * rows, inner), per_kv_head)
+    return flat.reshape(kv_heads, group, rows, per_kv_head.shape[-1])
+
+
 def head_dim_scaling(head_dim: int) -> float:
     # Llama, Mistral and Qwen2/3 all scale attention scores by 1/sqrt(head_dim).
     return head_dim**-0.5
@@ -55,7 +63,7 @@ def continuation_attention(sample: TraceSample, layer: int, window: int) -> Cont
     heads, rows, _ = queries.shape
     queries = queries.reshape(kv_heads, heads // kv_heads, rows, head_dim)
     scaling = head_dim_scaling(head_dim)
-    logits = torch.matmul(queries, keys[:, None].transpose(-1, -2)) * scaling
+    logits = grouped_matmul(queries, keys.transpose(-1, -2)) * scaling
     positions = torch.arange(sample.prompt_len, total)
     logits.masked_fill_(torch.arange(total)[None, :] > positions[:, None], float("-inf"))
     probs = logits.softmax(-1)
@@ -63,7 +71,7 @@ def continuation_attention(sample: TraceSample, layer: int, window: int) -> Cont
     for start, end in sample.needle_spans:
         evidence[start:end] = True
     return ContinuationAttention(
-        sample.prompt_len, queries, keys, values, logits, probs, torch.matmul(probs, values[:, None]), evidence, scaling
+        sample.prompt_len, queries, keys, values, logits, probs, grouped_matmul(probs, values), evidence, scaling
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.sim.continuation import ContinuationAttention
+from kvsim.sim.continuation import ContinuationAttention, grouped_matmul
 
 
 @dataclass
@@ -66,13 +66,13 @@ def block_metrics(
     full_logits = full.logits[:, :, rows].gather(-1, index)
     logits = full_logits
     if keys is not None:
-        logits = torch.matmul(queries, keys[:, None].transpose(-1, -2)) * full.scaling
+        logits = grouped_matmul(queries, keys.transpose(-1, -2)) * full.scaling
         logits = logits.masked_fill(torch.isinf(full_logits), float("-inf"))
     visible = readable[:, None, None, :]
     probs = torch.nan_to_num(logits.masked_fill(~visible, float("-inf")).softmax(-1), nan=0.0)
     if values is None:
         values = full.values.gather(1, columns[..., None].expand(-1, -1, head_dim))
-    output = torch.matmul(probs, values[:, None])
+    output = grouped_matmul(probs, values)
     reference = full.output[:, :, rows]
     error = (output - reference).norm(dim=-1) / reference.norm(dim=-1).clamp(min=1e-12)
     kept_mass = full.probs[:, :, rows].gather(-1, index) * visible

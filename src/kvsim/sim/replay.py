@@ -20,7 +20,7 @@ from kvsim.policies.compress import compress_prefill, select
 from kvsim.policies.policy import Policy
 from kvsim.policies.retention import Drop, Retention
 from kvsim.policies.view import CacheView
-from kvsim.sim.continuation import ContinuationAttention
+from kvsim.sim.continuation import ContinuationAttention, grouped_matmul
 from kvsim.sim.metrics import MetricSums, block_metrics
 
 # Bytes per cached element: caches are served in fp16/bf16 whatever dtype the trace holds.
@@ -107,13 +107,16 @@ def _stepwise(
     all_logits = None
     if not policy.retention.rewrites_kept:
         grouped = all_queries.reshape(kv_heads, -1, all_queries.shape[1], all_queries.shape[2])
-        all_logits = (torch.matmul(grouped, keys[:, None].transpose(-1, -2)) * view.scaling).reshape(view.heads, -1, total)
+        all_logits = (grouped_matmul(grouped, keys.transpose(-1, -2)) * view.scaling).reshape(view.heads, -1, total)
     sums = MetricSums()
     columns = torch.arange(total).expand(kv_heads, -1)
     for row in range(full.rows):
         position = prompt + row
         held[:, position] = True
-        block, probs = block_metrics(full, slice(row, row + 1), columns, held | low, keys, values)
+        rewritten = low.any() or policy.retention.rewrites_kept
+        block, probs = block_metrics(
+            full, slice(row, row + 1), columns, held | low, keys if rewritten else None, values if rewritten else None
+        )
         sums.add(block)
         colsum += probs.reshape(view.heads, total)
         if (row + 1) % policy.schedule.interval:
