@@ -73,10 +73,15 @@ def test_simulate_cli_writes_both_tables_and_refuses_bad_input(tmp_path):
     traces = synthetic_traceset(tmp_path / "t", prompt_len=40, continuation=4, window=32).root
     runner = CliRunner()
     out = tmp_path / "sim" / "r.parquet"
+    report = tmp_path / "report" / "sim.md"
     result = runner.invoke(app, ["simulate", "--traces", str(traces), "--policy", "snapkv,knorm", "--budget", "0.25",
-                                 "--budget", "8", "--out", str(out)])
+                                 "--budget", "8", "--out", str(out), "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert out.exists() and out.with_name("r.samples.parquet").exists() and "oracle" in result.output
+    text = report.read_text()
+    assert "## query-aware, budget 0.25" in text and "## query-aware, budget 8tok" in text and "| knorm |" in text
+    for figure in ("sim.sim_score.png", "sim.layer_recall.png"):
+        assert (report.parent / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure in text
     for args, message in [
         (["--policy", "snapk"], "unknown policy 'snapk'"),
         (["--budget", "1.5"], "outside (0, 1]"),

@@ -14,6 +14,7 @@ from kvsim.errors import KvsimError
 from kvsim.paths import ensure_writable_dir, write_atomically
 from kvsim.policies import PRESETS, Budget, resolve_policy
 from kvsim.sim import simulate as run_simulation
+from kvsim.sim.report import leaderboard, write_report
 from kvsim.traces.store import MODES, TraceSet
 
 
@@ -34,6 +35,7 @@ def simulate(
     out: Path = typer.Option(..., "--out", help="Parquet file for the per-layer table; the per-sample table goes beside it."),
     mode: str | None = typer.Option(None, help=f"Only one evaluation mode ({', '.join(MODES)}); default all."),
     oracle: bool = typer.Option(True, help="Also report the hindsight-optimal selection as policy 'oracle'."),
+    report: Path | None = typer.Option(None, help="Also write a Markdown report with plots to this .md file."),
 ) -> None:
     """Replay captured traces under eviction policies at several budgets and report the metrics.
 
@@ -57,20 +59,14 @@ def simulate(
     write_atomically(samples_path, result.samples.write_parquet)
     print_leaderboard(result.samples)
     console.print(f"per-layer table: {out}\nper-sample table: {samples_path}")
+    if report is not None:
+        ensure_writable_dir(report.parent, "report folder")
+        write_report(result, report, f"Simulation of {traces}")
+        console.print(f"report: {report}")
 
 
 def print_leaderboard(samples: pl.DataFrame) -> None:
-    board = (
-        samples.group_by("mode", "budget", "policy")
-        .agg(
-            pl.col("sim_score").mean(),
-            pl.col("attn_recall").mean(),
-            pl.col("out_err").mean(),
-            pl.col("evidence_recall").mean(),
-            pl.col("kv_bytes").mean(),
-        )
-        .sort("mode", "budget", "sim_score", descending=[False, False, True])
-    )
+    board = leaderboard(samples)
     table = Table("mode", "budget", "policy", "sim_score", "attn recall", "out err", "evidence", "KV MiB")
     for row in board.iter_rows(named=True):
         evidence = "–" if row["evidence_recall"] is None else f"{row['evidence_recall']:.3f}"
