@@ -65,8 +65,12 @@ def causal_attention_column_stats(
     q = query.float().reshape(kv_heads, group, n, head_dim)
     k = key.float()
     v = value.float()
-    output = torch.empty(kv_heads, group, n, head_dim, dtype=torch.float32)
-    lse = torch.empty(kv_heads, group, n, dtype=torch.float32)
+    known = _cpu_flash_attention(q, k, v, scaling) if n == total and query.device.type == "cpu" else None
+    if known is not None:
+        output, lse = known
+    else:
+        output = torch.empty(kv_heads, group, n, head_dim, dtype=torch.float32)
+        lse = torch.empty(kv_heads, group, n, dtype=torch.float32)
     colsum = torch.zeros(len(bounds) - 1, kv_heads, group, total, dtype=torch.float32)
     colsq = torch.zeros_like(colsum)
     rows_per_chunk = max(1, chunk_bytes // (4 * heads * total))
@@ -79,10 +83,13 @@ def causal_attention_column_stats(
             positions = torch.arange(offset + row0, offset + row1)
             future = torch.arange(visible)[None, :] > positions[:, None]
             scores.masked_fill_(future, float("-inf"))
-            row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            probs = scores.sub_(row_lse).exp_()
-            output[:, :, row0:row1] = torch.matmul(probs, v[:, None, :visible])
-            lse[:, :, row0:row1] = row_lse.squeeze(-1)
+            if known is not None:
+                probs = scores.sub_(lse[:, :, row0:row1, None]).exp_()
+            else:
+                row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+                probs = scores.sub_(row_lse).exp_()
+                output[:, :, row0:row1] = torch.matmul(probs, v[:, None, :visible])
+                lse[:, :, row0:row1] = row_lse.squeeze(-1)
             colsum[index, :, :, :visible] += probs.sum(dim=2)
             colsq[index, :, :, :visible] += probs.square_().sum(dim=2)
 
@@ -92,3 +99,21 @@ def causal_attention_column_stats(
         colsq=colsq.reshape(-1, heads, total),
         lse=lse.reshape(heads, n),
     )
+
+
+def _cpu_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
+    """Output and row log-sum-exp from PyTorch's CPU flash-attention kernel, or None if absent.
+
+    For a whole-prompt forward (n == T) this is the kernel transformers' SDPA path runs, so the
+    attention output, and with it every later layer's keys and values, match a plain forward bit for
+    bit; knowing each row's log-sum-exp, the statistics pass needs neither a max/sum pass nor the
+    P·V product. q: [kv, group, n, d]; k, v: [kv, T, d]. Returns ([kv, group, n, d], [kv, group, n]).
+    """
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is None:
+        return None
+    kv_heads, group, n, head_dim = q.shape
+    heads = kv_heads * group
+    expand = lambda t: t[:, None].expand(kv_heads, group, *t.shape[1:]).reshape(1, heads, *t.shape[1:])  # noqa: E731
+    output, lse = flash(q.reshape(1, heads, n, head_dim), expand(k), expand(v), 0.0, True, scale=scaling)[:2]
+    return output.reshape(kv_heads, group, n, head_dim), lse.reshape(kv_heads, group, n)
