@@ -52,14 +52,21 @@ PHASES = ("setup", "record", "write")
 console = Console(width=max(Console().width, 110))
 
 
-PlainRun = tuple[float, list[int]]  # seconds, new token ids
+@dataclass
+class PlainRun:
+    """One timed `generate`: wall seconds, CPU seconds of the process, and the new token ids."""
+
+    seconds: float
+    cpu_seconds: float
+    new_ids: list[int]
 
 
 @dataclass
 class CaptureRun:
-    """One timed capture of one sample: wall time, its phases, and what it wrote."""
+    """One timed capture of one sample: wall and CPU time, wall time of its phases, and what it wrote."""
 
     seconds: float
+    cpu_seconds: float
     phases: dict[str, float]
     gen_ids: list[int]
     prompt_len: int
@@ -101,26 +108,28 @@ def build_prompts(loaded: LoadedModel, args: argparse.Namespace) -> tuple[list[S
 def plain_generate(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int) -> PlainRun:
     """Seconds and new token ids of a greedy `model.generate` with the model's default attention."""
     ids = torch.tensor([input_ids])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = loaded.model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
     )
-    return time.perf_counter() - start, out[0, ids.shape[1] :].tolist()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return PlainRun(seconds, cpu_seconds, out[0, ids.shape[1] :].tolist())
 
 
 def timed_capture(loaded: LoadedModel, sample: Sample, settings: CaptureSettings, workload: dict) -> CaptureRun:
     """Capture one sample into a fresh temporary TraceSet, timing the whole call and its phases."""
     marks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="kvsim-bench-") as folder:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         traceset = capture_traceset(
             loaded, [sample], folder, settings, workload, lambda event, _: marks.setdefault(event, time.perf_counter())
         )
-        end = time.perf_counter()
+        end, cpu_seconds = time.perf_counter(), time.process_time() - cpu_start
         rows = list(traceset)
         first = rows[0]
         return CaptureRun(
             seconds=end - start,
+            cpu_seconds=cpu_seconds,
             phases={
                 "setup": marks["prefill"] - start,
                 "record": marks["write"] - marks["prefill"],
@@ -173,12 +182,14 @@ def measure(loaded: LoadedModel, samples: list[Sample], prompts: list[RenderedPr
 
 def sample_rows(sample: Sample, plain: list[PlainRun], captures: dict[str, list[CaptureRun]]) -> list[dict]:
     """One result row per variant: medians of the repeats and the (deterministic) file sizes."""
-    plain_s = statistics.median(seconds for seconds, _ in plain)
-    plain_ids = plain[0][1]
+    plain_s = statistics.median(r.seconds for r in plain)
+    plain_cpu_s = statistics.median(r.cpu_seconds for r in plain)
+    plain_ids = plain[0].new_ids
     rows = []
     for name, runs in captures.items():
         run = runs[0]
         capture_s = statistics.median(r.seconds for r in runs)
+        capture_cpu_s = statistics.median(r.cpu_seconds for r in runs)
         rows.append({
             "sample_id": sample.sample_id,
             "task": sample.task,
@@ -191,8 +202,11 @@ def sample_rows(sample: Sample, plain: list[PlainRun], captures: dict[str, list[
             "plain_s": plain_s,
             "capture_s": capture_s,
             "ratio": capture_s / plain_s,
+            "plain_cpu_s": plain_cpu_s,
+            "capture_cpu_s": capture_cpu_s,
+            "cpu_ratio": capture_cpu_s / plain_cpu_s,
             "phases_s": {phase: statistics.median(r.phases[phase] for r in runs) for phase in PHASES},
-            "plain_runs_s": [seconds for seconds, _ in plain],
+            "plain_runs_s": [r.seconds for r in plain],
             "capture_runs_s": [r.seconds for r in runs],
             "bytes": run.bytes,
         })
@@ -214,6 +228,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "capture_s": capture,
             "ratio": capture / plain,
             "meets_target": capture / plain <= TARGET_RATIO,
+            "cpu_ratio": sum(row["capture_cpu_s"] for row in mine) / sum(row["plain_cpu_s"] for row in mine),
             "phases_s": {phase: sum(row["phases_s"][phase] for row in mine) for phase in PHASES},
             "prompt_tokens": prompt_tokens,
             "total_tokens": total_tokens,
@@ -226,7 +241,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     return summary
 
 
-TIME_HEADERS = ("sample", "mode", "prompt", "new tok", "plain s", "cap s", "ratio", "record s", "write s")
+TIME_HEADERS = ("sample", "mode", "prompt", "new tok", "plain s", "cap s", "ratio", "cpu ratio", "record s", "write s")
 SIZE_HEADERS = ("sample", "mode", "MiB", "B/prompt tok", "B/total tok", "K+V", "Q", "stats", "logprobs")
 
 
@@ -241,8 +256,8 @@ def table_lines(rows: list[dict], summary: dict[str, dict]) -> tuple[list[list[s
     times = [
         [
             name, variant, str(prompt), tokens,
-            f"{entry['plain_s']:.2f}", f"{entry['capture_s']:.2f}", f"{entry['ratio']:.2f}",
-            f"{entry['phases_s']['record']:.2f}", f"{entry['phases_s']['write']:.2f}",
+            *(f"{entry[key]:.2f}" for key in ("plain_s", "capture_s", "ratio", "cpu_ratio")),
+            *(f"{entry['phases_s'][phase]:.2f}" for phase in ("record", "write")),
         ]
         for name, variant, tokens, entry, prompt, total in entries
     ]
@@ -288,14 +303,14 @@ def conclusion(summary: dict[str, dict]) -> list[str]:
         f"Capture (query-aware) takes {aware['ratio']:.2f}× a plain greedy `generate`, which {verdict} the "
         f"≤ {TARGET_RATIO} target; of its {aware['capture_s']:.1f} s, {aware['phases_s']['record']:.1f} s are "
         f"prefill + decode with the recording attention and {aware['phases_s']['write']:.1f} s conversion and "
-        f"file writing (plain: {aware['plain_s']:.1f} s).",
-        f"Writing both modes from one capture costs {both['ratio']:.2f}× plain, "
-        f"{both['capture_s'] / aware['capture_s']:.2f}× the query-aware capture alone.",
+        f"file writing (plain: {aware['plain_s']:.1f} s); by CPU time, which other load disturbs less, "
+        f"{aware['cpu_ratio']:.2f}×.",
+        f"Writing both modes from one capture costs {both['ratio']:.2f}× plain ({both['cpu_ratio']:.2f}× by CPU "
+        f"time), {both['capture_s'] / aware['capture_s']:.2f}× the query-aware capture alone.",
         f"A query-aware trace is {per_token['file']:,.0f} bytes per prompt token "
         f"({aware['bytes_per_total_token']:,.0f} per total token): K+V {per_token['kv']:,.0f}, "
         f"Q {per_token['q']:,.0f}, stats {per_token['stats']:,.0f}, log-probs {per_token['logprobs']:,.0f}; "
-        "both modes together "
-        f"{both['bytes_per_prompt_token']['file']:,.0f} bytes per prompt token.",
+        f"both modes together {both['bytes_per_prompt_token']['file']:,.0f} bytes per prompt token.",
     ]
     if not (aware["all_same_length"] and both["all_same_length"]):
         lines.append("Plain generate and capture stopped after different numbers of tokens on some samples.")
@@ -313,8 +328,10 @@ def write_markdown(
         f"`bench/capture.py`: {args.samples} samples of workload `{args.workload}` at {args.context_tokens} context "
         f"tokens (seed {args.seed}), {args.max_new_tokens} new tokens, window {args.window}, float16 storage; "
         f"median of {args.repeats} interleaved runs per side. Mode `aware` writes the query-aware file, `both` "
-        "writes query-aware and query-agnostic files from one capture. Ratio = capture s / plain generate s; "
-        "record = prefill + decode with the recording attention, write = tensor conversion + files + manifest.",
+        "writes query-aware and query-agnostic files from one capture. Ratio = capture s / plain generate s "
+        "(wall clock); cpu ratio = the same with the process's CPU seconds, steadier when other processes compete "
+        "for the cores; record = prefill + decode with the recording attention, write = tensor conversion + "
+        "files + manifest (wall clock).",
         "",
         f"Machine: {machine['cpu_count']} CPUs, torch {machine['torch']} with {machine['torch_threads']} threads; "
         f"1-minute load average {load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end.",
