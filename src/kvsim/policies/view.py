@@ -52,28 +52,37 @@ class CacheView:
         return self.keys.shape[1]
 
     def window(self, size: int) -> torch.Tensor:
-        """[heads, size, n]: causal softmax attention of the last `size` window queries."""
+        """[heads, size, n]: causal softmax attention of the last `size` window queries.
+
+        Computed for the rows asked for only and kept per size, so scorers of one policy (and the
+        policies sharing a view) pay once, and a last-query scorer never pays for the whole window.
+        """
         if size > self.queries.shape[1]:
             raise KvsimError(
                 f"a policy reads a {size}-query window but only {self.queries.shape[1]} queries were observed: "
                 f"capture with --window {size} or more"
             )
-        return self.window_attention[:, -size:]
+        if size not in self._windows:
+            self._windows[size] = self._attention_of_last(size)
+        return self._windows[size]
 
     @cached_property
-    def window_attention(self) -> torch.Tensor:
+    def _windows(self) -> dict[int, torch.Tensor]:
+        return {}
+
+    def _attention_of_last(self, size: int) -> torch.Tensor:
         group = self.heads // self.kv_heads
         if self.window_logits is not None:
-            scores = self.window_logits.reshape(self.kv_heads, group, -1, self.length)
+            scores = self.window_logits[:, -size:].reshape(self.kv_heads, group, size, self.length)
         else:
             # One matmul per KV head over its whole group (broadcasting the keys would copy them).
-            q = self.queries.reshape(self.kv_heads, -1, self.queries.shape[-1])
-            scores = (torch.matmul(q, self.keys.transpose(-1, -2)) * self.scaling).reshape(self.kv_heads, group, -1, self.length)
-        hidden = self.positions[None, :] > self.query_positions[:, None]  # [w, n] causal
+            q = self.queries[:, -size:].reshape(self.kv_heads, -1, self.queries.shape[-1])
+            scores = (torch.matmul(q, self.keys.transpose(-1, -2)) * self.scaling).reshape(self.kv_heads, group, size, self.length)
+        hidden = self.positions[None, :] > self.query_positions[-size:, None]  # [size, n] causal
         if self.present is not None:
-            hidden = hidden | ~self.present[:, None, None, :]  # [kv, 1, w, n]
+            hidden = hidden | ~self.present[:, None, None, :]  # [kv, 1, size, n]
         scores = scores.masked_fill(hidden, float("-inf"))
-        return scores.softmax(-1).reshape(self.heads, -1, self.length)
+        return scores.softmax(-1).reshape(self.heads, size, self.length)
 
 
 def reduce_group(per_query_head: torch.Tensor, kv_heads: int, how: str) -> torch.Tensor:

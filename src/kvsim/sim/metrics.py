@@ -45,14 +45,15 @@ class MetricSums:
 def block_metrics(
     full: ContinuationAttention,
     rows: slice,
-    columns: torch.Tensor,
+    columns: torch.Tensor | None,
     readable: torch.Tensor,
     keys: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
 ) -> tuple[MetricSums, torch.Tensor]:
     """Metrics of continuation rows `rows` when attention reads only some tokens.
 
-    columns: [kv_heads, m] positions per KV head that attention may read (padding allowed);
+    columns: [kv_heads, m] positions per KV head that attention may read (padding allowed), or
+        None for every position (m = T, no gathering);
     readable: [kv_heads, m] bool marking the real ones (future positions are masked regardless).
     keys, values: [kv_heads, m, d] at those columns when retention rewrote them, else None.
     Work grows with m, not with the sequence: a prefill-once policy at a 10% budget passes only
@@ -62,8 +63,8 @@ def block_metrics(
     """
     kv_heads, group, _, head_dim = full.queries.shape
     queries = full.queries[:, :, rows]
-    index = columns[:, None, None, :].expand(kv_heads, group, queries.shape[2], columns.shape[1])
-    full_logits = full.logits[:, :, rows].gather(-1, index)
+    at_columns = _gatherer(columns, kv_heads, group, queries.shape[2])
+    full_logits = at_columns(full.logits[:, :, rows])
     logits = full_logits
     if keys is not None:
         logits = grouped_matmul(queries, keys.transpose(-1, -2)) * full.scaling
@@ -71,16 +72,25 @@ def block_metrics(
     visible = readable[:, None, None, :]
     probs = torch.nan_to_num(logits.masked_fill(~visible, float("-inf")).softmax(-1), nan=0.0)
     if values is None:
-        values = full.values.gather(1, columns[..., None].expand(-1, -1, head_dim))
+        values = full.values if columns is None else full.values.gather(1, columns[..., None].expand(-1, -1, head_dim))
     output = grouped_matmul(probs, values)
     reference = full.output[:, :, rows]
     error = (output - reference).norm(dim=-1) / reference.norm(dim=-1).clamp(min=1e-12)
-    kept_mass = full.probs[:, :, rows].gather(-1, index) * visible
+    kept_mass = at_columns(full.probs[:, :, rows]) * visible
+    evidence = full.evidence if columns is None else full.evidence[columns][:, None, None, :]
     sums = MetricSums(
         recall=float(kept_mass.sum()),
         error=float(error.sum()),
-        evidence_kept=float((kept_mass * full.evidence[columns][:, None, None, :]).sum()),
+        evidence_kept=float((kept_mass * evidence).sum()),
         evidence_total=float(full.probs[:, :, rows][..., full.evidence].sum()),
         count=error.numel(),
     )
     return sums, probs
+
+
+def _gatherer(columns: torch.Tensor | None, kv_heads: int, group: int, rows: int):
+    """A function taking [kv_heads, group, rows, T] to the chosen columns (identity for None)."""
+    if columns is None:
+        return lambda tensor: tensor
+    index = columns[:, None, None, :].expand(kv_heads, group, rows, columns.shape[1])
+    return lambda tensor: tensor.gather(-1, index)

@@ -109,13 +109,12 @@ def _stepwise(
         grouped = all_queries.reshape(kv_heads, -1, all_queries.shape[1], all_queries.shape[2])
         all_logits = (grouped_matmul(grouped, keys.transpose(-1, -2)) * view.scaling).reshape(view.heads, -1, total)
     sums = MetricSums()
-    columns = torch.arange(total).expand(kv_heads, -1)
     for row in range(full.rows):
         position = prompt + row
         held[:, position] = True
         rewritten = low.any() or policy.retention.rewrites_kept
         block, probs = block_metrics(
-            full, slice(row, row + 1), columns, held | low, keys if rewritten else None, values if rewritten else None
+            full, slice(row, row + 1), None, held | low, keys if rewritten else None, values if rewritten else None
         )
         sums.add(block)
         colsum += probs.reshape(view.heads, total)
