@@ -18,7 +18,7 @@ $(SETUP_STAMP): pyproject.toml
 # The main job on the embedded default: capture the default workload with the bundled model,
 # replay every preset on the traces, and write a report with plots.
 demo: setup
-	$(VENV)/bin/kvsim capture --samples 6 --mode both --out runs/demo/traces
+	$(VENV)/bin/kvsim capture --samples 4 --mode both --out runs/demo/traces
 	$(VENV)/bin/kvsim simulate --traces runs/demo/traces --policy all --budget 0.1,0.2 \
 		--out runs/demo/sim.parquet --report runs/demo/report.md
 
