@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import tempfile
@@ -28,12 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from machine import machine_info  # bench/machine.py (the script's folder is on sys.path)
 from kvsim.traces.capture import CaptureSettings, capture_traceset
 from kvsim.traces.models import DEFAULT_MODEL, LoadedModel, load_model
 from kvsim.traces.prompt import RenderedPrompt, render_prompt
@@ -348,18 +347,11 @@ def write_markdown(
     path.write_text("\n".join(text))
 
 
-def machine_info(loaded: LoadedModel, load_at_start: tuple[float, ...]) -> dict:
-    """The machine, and its load averages (1, 5, 15 min): other work on a small CPU skews every timing."""
+def run_info(loaded: LoadedModel, load_at_start: tuple[float, ...]) -> dict:
+    """The machine (see bench/machine.py) and how the plain side ran."""
     return {
-        "cpu_count": os.cpu_count(),
-        "load_average": {"start": load_at_start, "end": os.getloadavg()},
+        **machine_info(load_at_start),
         "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
         "plain_attention": loaded.model.config._attn_implementation,
         "model": DEFAULT_MODEL,
         "compute_dtype": str(loaded.model.dtype).removeprefix("torch."),
@@ -384,7 +376,7 @@ def main() -> None:
         **{key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
         "capture": {name: asdict(value) for name, value in capture_settings(args).items()},
     }
-    machine = machine_info(loaded, load_at_start)
+    machine = run_info(loaded, load_at_start)
     report = {"machine": machine, "settings": settings, "samples": rows, "summary": summary}
     (args.out / "capture.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(args.out / "capture.md", (times, sizes), summary, args, machine)

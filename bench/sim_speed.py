@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,12 +40,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import transformers
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from machine import machine_info  # bench/machine.py (the script's folder is on sys.path)
 from kvsim.policies import PRESETS, Budget, Policy
 from kvsim.sim.continuation import continuation_attention, prefill_view
 from kvsim.sim.oracle import oracle_keeps
@@ -126,13 +125,15 @@ def fresh(traceset: TraceSet, sample: TraceSample) -> TraceSample:
 
 
 def shared_work(traceset: TraceSet, sample: TraceSample):
-    """The policy-independent inputs of every replay: prefill views with their window attention (a lazy
-    cached property that simulate_sample computes once per sample, for the first policy reading it) and
-    the continuation's full-cache attention."""
+    """The policy-independent inputs of every replay: prefill views with their window attention (kept
+    per window size by the view, so simulate_sample computes it once per sample for the first policy
+    reading it) and the continuation's full-cache attention."""
     n_layers, window = traceset.n_layers, traceset.meta["window"]
     views = [prefill_view(sample, layer, n_layers, window) for layer in range(n_layers)]
+    sizes = ({policy.observation_window for policy in PRESETS.values()} | {1}) - {0}
     for view in views:
-        view.window_attention  # noqa: B018  (computed here so no policy's marginal time includes it)
+        for size in sizes:  # computed here so no policy's marginal time includes it
+            view.window(size)
     fulls = [continuation_attention(sample, layer, window) for layer in range(n_layers)]
     return views, fulls
 
@@ -568,18 +569,9 @@ def write_markdown(path: Path, tables, summary: dict, part1: dict, args, machine
     path.write_text("\n".join(text))
 
 
-def machine_info(load_at_start: tuple[float, ...], threads: int) -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "load_average": {"start": load_at_start, "end": os.getloadavg()},
-        "torch_threads_timed": threads,
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-    }
+def run_info(load_at_start: tuple[float, ...], threads: int) -> dict:
+    """The machine (see bench/machine.py) and the torch threads every timed run used."""
+    return {**machine_info(load_at_start), "torch_threads_timed": threads}
 
 
 def main() -> None:
@@ -626,7 +618,7 @@ def main() -> None:
                 batch_shared = median(timed(lambda: shared_work(tracesets[args.batch_length], sample_b), args.repeats, args.cell_seconds))
             batch_rows = measure_batches(tracesets[args.batch_length], batch_shared, args, progress)
         torch.set_num_threads(setup_threads)
-        machine = machine_info(load_at_start, timed_threads)
+        machine = run_info(load_at_start, timed_threads)
 
     growth = length_growth(length_rows)
     summary = summarize(part1, growth, batch_rows)

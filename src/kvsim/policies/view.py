@@ -57,6 +57,8 @@ class CacheView:
         Computed for the rows asked for only and kept per size, so scorers of one policy (and the
         policies sharing a view) pay once, and a last-query scorer never pays for the whole window.
         """
+        if size < 1:
+            raise ValueError(f"window size must be at least 1, got {size}")
         if size > self.queries.shape[1]:
             raise KvsimError(
                 f"a policy reads a {size}-query window but only {self.queries.shape[1]} queries were observed: "
