@@ -62,7 +62,7 @@ def capture(
     workload_samples = build_workload(
         workload, samples, seed=seed, context_tokens=context_tokens, count_tokens=count_tokens, haystack=filler
     )
-    prepare_prompts(workload_samples, tokenizer, settings)
+    prompts = prepare_prompts(workload_samples, tokenizer, settings)  # bad input fails before the model loads
     workload_meta = {
         "spec": workload,
         "seed": seed,
@@ -86,7 +86,7 @@ def capture(
                 verb = "prefill + generate" if event == "prefill" else "writing"
                 progress.update(bar, description=f"{verb} {sample.sample_id}")
 
-        traceset = capture_traceset(loaded, workload_samples, out, settings, workload_meta, report)
+        traceset = capture_traceset(loaded, workload_samples, out, settings, workload_meta, report, prompts)
         progress.update(bar, description="captured")
     console.print(f"captured {counts['captured']} samples, skipped {counts['skipped']} already complete")
     print_summary(traceset)

@@ -216,12 +216,15 @@ def capture_traceset(
     settings: CaptureSettings,
     workload: dict,
     report: Callable[[str, Sample], None] = lambda event, sample: None,
+    prompts: Sequence[RenderedPrompt] | None = None,
 ) -> TraceSet:
     """Capture `samples` into the TraceSet at `out`, resuming one made with the same settings.
 
     `report(event, sample)` hears "prefill", "write", "captured" or "skipped", for progress display.
+    `prompts` are the samples already rendered and checked by `prepare_prompts`, if the caller did so.
     """
-    prompts = prepare_prompts(samples, loaded.tokenizer, settings)
+    if prompts is None:
+        prompts = prepare_prompts(samples, loaded.tokenizer, settings)
     traceset = TraceSet.create(out, traceset_metadata(loaded, settings, workload))
     for sample, prompt in zip(samples, prompts):
         missing = [mode for mode in settings.modes if not traceset.is_complete(sample.sample_id, mode)]
