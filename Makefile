@@ -23,6 +23,7 @@ demo: setup
 		--out runs/demo/sim.parquet --report runs/demo/report.md
 
 test: setup
+	$(VENV)/bin/ruff check src tests bench
 	$(PYTHON) -m pytest -q
 
 bench: setup

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvsim.traces.capture import CaptureSettings, capture_traceset
-from kvsim.traces.store import MODES, TraceSet
+from kvsim.traces.store import MODES
 from kvsim.traces.workloads import build_workload
 
 WINDOW = 16

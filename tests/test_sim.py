@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvsim.policies import PRESETS, Budget
+from kvsim.policies import PRESETS
 from kvsim.sim import simulate
 from kvsim.sim.continuation import continuation_attention, prefill_view
 from kvsim.sim.replay import replay_selection

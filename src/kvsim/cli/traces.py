@@ -8,7 +8,7 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from kvsim.cli.common import EXIT_BAD_INPUT, console, err_console, human_bytes, reports_errors
+from kvsim.cli.common import console, err_console, human_bytes, reports_errors
 from kvsim.traces.store import TraceSet
 
 app = typer.Typer(help="Inspect and check TraceSet folders.", no_args_is_help=True, rich_markup_mode="rich")
