@@ -54,7 +54,8 @@ def block_metrics(
 
     columns: [kv_heads, m] positions per KV head that attention may read (padding allowed), or
         None for every position (m = T, no gathering);
-    readable: [kv_heads, m] bool marking the real ones (future positions are masked regardless).
+    readable: [kv_heads, m] bool marking the real ones, or [kv_heads, r, m] when it differs by row
+        (future positions are masked regardless).
     keys, values: [kv_heads, m, d] at those columns when retention rewrote them, else None.
     Work grows with m, not with the sequence: a prefill-once policy at a 10% budget passes only
     its kept prompt tokens and the continuation.
@@ -69,8 +70,8 @@ def block_metrics(
     if keys is not None:
         logits = grouped_matmul(queries, keys.transpose(-1, -2)) * full.scaling
         logits = logits.masked_fill(torch.isinf(full_logits), float("-inf"))
-    visible = readable[:, None, None, :]
-    probs = torch.nan_to_num(logits.masked_fill(~visible, float("-inf")).softmax(-1), nan=0.0)
+    visible = _visible(readable)
+    probs = compressed_probs(logits, readable)
     if values is None:
         values = full.values if columns is None else full.values.gather(1, columns[..., None].expand(-1, -1, head_dim))
     output = grouped_matmul(probs, values)
@@ -94,3 +95,15 @@ def _gatherer(columns: torch.Tensor | None, kv_heads: int, group: int, rows: int
         return lambda tensor: tensor
     index = columns[:, None, None, :].expand(kv_heads, group, rows, columns.shape[1])
     return lambda tensor: tensor.gather(-1, index)
+
+
+def compressed_probs(logits: torch.Tensor, readable: torch.Tensor) -> torch.Tensor:
+    """Softmax of [kv_heads, group, r, m] logits over the readable positions only ([kv_heads, m] or
+    [kv_heads, r, m]); a row with nothing readable gets zeros."""
+    hidden = ~_visible(readable)
+    return torch.nan_to_num(logits.masked_fill(hidden, float("-inf")).softmax(-1), nan=0.0)
+
+
+def _visible(readable: torch.Tensor) -> torch.Tensor:
+    """Readable masks broadcast against [kv_heads, group, rows, m]."""
+    return readable[:, None, None, :] if readable.dim() == 2 else readable[:, None]

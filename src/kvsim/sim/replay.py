@@ -21,7 +21,7 @@ from kvsim.policies.policy import Policy
 from kvsim.policies.retention import Drop, Retention
 from kvsim.policies.view import CacheView
 from kvsim.sim.continuation import ContinuationAttention, grouped_matmul
-from kvsim.sim.metrics import MetricSums, block_metrics
+from kvsim.sim.metrics import MetricSums, block_metrics, compressed_probs
 
 # Bytes per cached element: caches are served in fp16/bf16 whatever dtype the trace holds.
 ELEMENT_BYTES = 2
@@ -108,15 +108,23 @@ def _stepwise(
     if not policy.retention.rewrites_kept:
         grouped = all_queries.reshape(kv_heads, -1, all_queries.shape[1], all_queries.shape[2])
         all_logits = (grouped_matmul(grouped, keys.transpose(-1, -2)) * view.scaling).reshape(view.heads, -1, total)
+    # Plain dropping never changes a key or value, so the metrics of all rows can be computed in one
+    # batch at the end from each row's readable mask; the loop only needs each row's attention.
+    deferred = policy.retention.bits() is None and not policy.retention.rewrites_kept
+    readable_rows = torch.zeros(kv_heads, full.rows, total, dtype=torch.bool) if deferred else None
     sums = MetricSums()
     for row in range(full.rows):
         position = prompt + row
         held[:, position] = True
-        rewritten = low.any() or policy.retention.rewrites_kept
-        block, probs = block_metrics(
-            full, slice(row, row + 1), None, held | low, keys if rewritten else None, values if rewritten else None
-        )
-        sums.add(block)
+        if deferred:
+            readable_rows[:, row] = held
+            probs = compressed_probs(full.logits[:, :, row : row + 1], held)
+        else:
+            rewritten = low.any() or policy.retention.rewrites_kept
+            block, probs = block_metrics(
+                full, slice(row, row + 1), None, held | low, keys if rewritten else None, values if rewritten else None
+            )
+            sums.add(block)
         colsum += probs.reshape(view.heads, total)
         if (row + 1) % policy.schedule.interval:
             continue
@@ -139,6 +147,8 @@ def _stepwise(
         keys[:, :end], values[:, :end] = step.keys, step.values
         held[:, :end] = kept
         low[:, :end] |= step.low_precision
+    if deferred:
+        sums, _ = block_metrics(full, slice(None), None, readable_rows)
     return _outcome(policy.retention, view, sums, int(held.sum()), int(low.sum()))
 
 
