@@ -6,9 +6,8 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from kvsim.cli.common import console, reports_errors
+from kvsim.cli.common import console, progress_bars, reports_errors
 from kvsim.cli.traces import print_summary
 from kvsim.paths import ensure_writable_dir
 from kvsim.traces.capture import STORAGE_DTYPES, CaptureSettings, capture_traceset, prepare_prompts
@@ -70,8 +69,7 @@ def capture(
         "haystack": filler.source,
         "haystack_sha256": filler.sha256,
     }
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_bars() as progress:
         loading = progress.add_task(f"loading {model}", total=1)
         loaded = load_model(model, trust_remote_code=trust_remote_code)
         progress.update(loading, completed=1)

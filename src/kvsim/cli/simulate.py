@@ -6,10 +6,9 @@ from pathlib import Path
 
 import polars as pl
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvsim.cli.common import console, reports_errors
+from kvsim.cli.common import console, progress_bars, reports_errors
 from kvsim.errors import KvsimError
 from kvsim.paths import ensure_writable_dir, write_atomically
 from kvsim.policies import PRESETS, Budget, resolve_policy
@@ -50,8 +49,7 @@ def simulate(
     budgets = [Budget.parse(value) for value in split_values(budget)]
     ensure_writable_dir(out.parent, "output folder")
     samples = traceset.manifest.height if mode is None else traceset.manifest.filter(pl.col("mode") == mode).height
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_bars() as progress:
         bar = progress.add_task(f"simulating {len(policies)} policies × {len(budgets)} budgets", total=samples)
         result = run_simulation(traceset, policies, budgets, mode=mode, oracle=oracle, on_sample=lambda s: progress.advance(bar))
     samples_path = out.with_name(out.stem + ".samples.parquet")
