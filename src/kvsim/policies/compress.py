@@ -27,7 +27,7 @@ def select(policy: Policy, view: CacheView, scores: torch.Tensor, budgets: torch
     longer holds (`view.present`) are never kept again.
     """
     schedule = policy.schedule
-    priority = protected_priority(view.length, schedule.sinks, schedule.recent)
+    priority = protected_priority(view.positions, schedule.sinks, schedule.recent)
     if view.present is None:
         return keep_mask(scores, budgets, priority)
     scores = scores.masked_fill(~view.present, float("-inf"))

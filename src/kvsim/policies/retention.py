@@ -123,8 +123,23 @@ class Quantize(Retention):
         return Retained(keys, values, evicted)
 
 
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero) along the last dimension: asymmetric round to nearest, codes in [0, 2^bits).
+
+    codes are uint8 (one per element); scale and zero keep x's leading shape with a last dim of 1.
+    The live cache stores these (packed); the simulator rebuilds values from them, so both read the
+    same low-precision numbers.
+    """
+    zero, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = ((high - zero) / (2**bits - 1)).clamp(min=1e-8)
+    codes = ((x - zero) / scale).round().clamp(0, 2**bits - 1).to(torch.uint8)
+    return codes, scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return codes.to(scale.dtype) * scale + zero
+
+
 def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize along the last dimension to `bits` bits and back (asymmetric, round to nearest)."""
-    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    scale = ((high - low) / (2**bits - 1)).clamp(min=1e-8)
-    return ((x - low) / scale).round().clamp(0, 2**bits - 1) * scale + low
+    """Quantize along the last dimension to `bits` bits and back."""
+    return dequantize(*quantize(x, bits))

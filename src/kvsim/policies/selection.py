@@ -9,12 +9,19 @@ from __future__ import annotations
 import torch
 
 
-def protected_priority(length: int, sinks: int, recent: int) -> torch.Tensor:
-    """[length] int: 2 for sinks, 1 for the recent window, 0 for everything else."""
-    priority = torch.zeros(length, dtype=torch.int64)
+def protected_priority(positions: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """[n] int: 2 for sinks, 1 for the recent window, 0 for everything else.
+
+    Decided by absolute position (the first `sinks` positions, the last `recent` ones up to the
+    newest cached token), not by index, so a cache that has already evicted tokens protects the same
+    tokens as one that still spans every position.
+    """
+    priority = torch.zeros(positions.shape[0], dtype=torch.int64)
+    if positions.numel() == 0:
+        return priority
     if recent:
-        priority[max(0, length - recent) :] = 1
-    priority[: min(sinks, length)] = 2
+        priority[positions > positions[-1] - recent] = 1
+    priority[positions < sinks] = 2
     return priority
 
 

@@ -18,7 +18,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 import kvsim
 from kvsim.errors import KvsimError
-from kvsim.traces.models import LoadedModel
+from kvsim.traces.models import LoadedModel, eos_token_ids
 from kvsim.traces.prompt import RenderedPrompt, render_prompt
 from kvsim.traces.recorder import ForwardRecorder, recording
 from kvsim.traces.store import MODES, TraceSet
@@ -99,7 +99,7 @@ def record_sample(
     splits = [prompt.context_end] if "query-agnostic" in settings.modes and prompt.context_end < prompt.prompt_len else []
     recorder = ForwardRecorder(model.config.num_hidden_layers, first - settings.window, splits)
     cache = DynamicCache(config=model.config)
-    eos = _eos_ids(loaded)
+    eos = eos_token_ids(loaded)
     ids = torch.tensor([prompt.input_ids])
     with recording(model, recorder):
         logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=prompt.prompt_len - first + 1).logits[0]
@@ -239,10 +239,3 @@ def capture_traceset(
             traceset.add(manifest_row(sample, captured, mode, prediction), sample_tensors(captured, mode, settings))
         report("captured", sample)
     return traceset
-
-
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    eos = loaded.model.generation_config.eos_token_id
-    if eos is None:
-        eos = loaded.tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos]) - {None}

@@ -173,3 +173,11 @@ def _quiet_transformers() -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def eos_token_ids(loaded: LoadedModel) -> set[int]:
+    """Every token id that ends a greedy generation of this model."""
+    eos = loaded.model.generation_config.eos_token_id
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}

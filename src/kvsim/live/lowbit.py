@@ -1,0 +1,76 @@
+"""Tokens kept at low precision, stored as packed integer codes: what MiKV-style retention holds.
+
+Codes come from `kvsim.policies.retention.quantize`, the same rounding the simulator applies, and
+are packed several to a byte when the bit width divides 8 (1, 2, 4, 8 bits); other widths keep one
+code per byte. Each token and head also keeps a scale and a zero point in the cache's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsim.policies.retention import dequantize, quantize
+
+
+@dataclass
+class PackedTokens:
+    """Low-precision keys or values of one layer: codes [kv_heads, m, packed_dim] uint8."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor  # [kv_heads, m, 1]
+    zero: torch.Tensor  # [kv_heads, m, 1]
+    bits: int
+    dim: int
+
+    @classmethod
+    def empty(cls, kv_heads: int, dim: int, bits: int, dtype: torch.dtype) -> PackedTokens:
+        codes = torch.zeros(kv_heads, 0, _packed_dim(dim, bits), dtype=torch.uint8)
+        side = torch.zeros(kv_heads, 0, 1, dtype=dtype)
+        return cls(codes, side, side.clone(), bits, dim)
+
+    @classmethod
+    def pack(cls, x: torch.Tensor, bits: int) -> PackedTokens:
+        codes, scale, zero = quantize(x.float(), bits)
+        return cls(_pack(codes, bits), scale.to(x.dtype), zero.to(x.dtype), bits, x.shape[-1])
+
+    def append(self, other: PackedTokens) -> PackedTokens:
+        cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
+        return PackedTokens(cat(self.codes, other.codes), cat(self.scale, other.scale), cat(self.zero, other.zero), self.bits, self.dim)
+
+    def unpack(self) -> torch.Tensor:
+        """[kv_heads, m, dim] in the dtype of the scales: the values attention reads."""
+        codes = _unpack(self.codes, self.bits, self.dim)
+        return dequantize(codes, self.scale.float(), self.zero.float()).to(self.scale.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+
+def _per_byte(bits: int) -> int:
+    return 8 // bits if 8 % bits == 0 else 1
+
+
+def _packed_dim(dim: int, bits: int) -> int:
+    return -(-dim // _per_byte(bits))
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    per = _per_byte(bits)
+    if per == 1:
+        return codes
+    pad = _packed_dim(codes.shape[-1], bits) * per - codes.shape[-1]
+    codes = torch.nn.functional.pad(codes, (0, pad)).reshape(*codes.shape[:-1], -1, per)
+    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    return (codes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    per = _per_byte(bits)
+    if per == 1:
+        return packed
+    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    codes = (packed[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :dim]

@@ -1,0 +1,125 @@
+"""Run one captured sample live under many policies: one prefill, then each policy's decode.
+
+For a sample of a TraceSet, in the trace's evaluation mode:
+- the prefill (the whole prompt query-aware, the context alone query-agnostic) runs once with a
+  recording cache, and each (policy, budget) decides on it (`PolicyCache.with_policy`);
+- fidelity: the full-cache continuation stored in the trace is fed teacher-forced, and each
+  position's next-token distribution is compared with the stored full-cache one;
+- task score: the model generates greedily from the compressed cache (query-agnostic runs first
+  read the question through it), and the answer is scored with the workload's own rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvsim.live.cache import PolicyCache
+from kvsim.policies.budget import Budget
+from kvsim.policies.policy import Policy
+from kvsim.traces.models import LoadedModel, eos_token_ids
+from kvsim.traces.store import TraceSample, TraceSet
+from kvsim.traces.workloads import score
+
+
+@dataclass
+class LiveOutcome:
+    prediction: str
+    score: float
+    kl: float  # mean over continuation positions, nats
+    top1: float  # share of positions whose argmax matches the full cache's
+    kv_bytes: int  # keys and values held after the prefill decision, padding included
+    padding_bytes: int
+    kept_tokens: int
+    low_precision_tokens: int
+    decode_ms_per_token: float
+
+
+class LiveSample:
+    """One trace sample, prefilled once on the live model, ready to be run under any policy."""
+
+    def __init__(self, loaded: LoadedModel, traceset: TraceSet, sample: TraceSample, window: int) -> None:
+        self.loaded, self.sample = loaded, sample
+        self.model = loaded.model
+        self.ids = sample.input_ids
+        self.start = sample.prompt_len
+        self.eos = eos_token_ids(loaded)
+        self.max_new_tokens = traceset.meta["max_new_tokens"]
+        self.reference_ids = sample.tensors["continuation.topk_ids"]
+        self.reference_logprobs = sample.tensors["continuation.topk_logprobs"].float()
+        with torch.inference_mode():
+            self.recording = PolicyCache.recording(self.model, window, capture_row_splits(traceset, sample))
+            self.first_logits = self.model(self.ids[None, : self.start], past_key_values=self.recording, logits_to_keep=1).logits[0]
+
+    @torch.inference_mode()
+    def run(self, policy: Policy, budget: Budget) -> LiveOutcome:
+        cache = self.recording.with_policy(policy, budget)
+        stepwise = policy.schedule.interval is not None
+        kv_bytes, padding = cache.held_bytes(), cache.padding_bytes()
+        kept, low = cache.held_tokens()
+        teacher = feed(self.model, copy.deepcopy(cache), self.ids[self.start : self.sample.total_len - 1], stepwise)
+        kl, top1 = fidelity(torch.cat([self.first_logits, teacher]), self.reference_ids, self.reference_logprobs)
+        generated, seconds = self._generate(cache, stepwise)
+        prediction = self.loaded.tokenizer.decode(generated, skip_special_tokens=True)
+        return LiveOutcome(
+            prediction=prediction,
+            score=score(prediction, self.sample.answers, self.sample.scoring),
+            kl=kl,
+            top1=top1,
+            kv_bytes=kv_bytes,
+            padding_bytes=padding,
+            kept_tokens=kept,
+            low_precision_tokens=low,
+            decode_ms_per_token=1000 * seconds / max(1, len(generated) - 1),
+        )
+
+    def _generate(self, cache: PolicyCache, stepwise: bool) -> tuple[list[int], float]:
+        """Greedy tokens after the prompt, and the seconds spent on decode steps (prefill excluded)."""
+        question = self.ids[self.start : self.sample.full_prompt_len]
+        logits = feed(self.model, cache, question, stepwise)[-1:] if question.numel() else self.first_logits
+        generated = [int(logits[-1].argmax())]
+        started = time.perf_counter()
+        while generated[-1] not in self.eos and len(generated) < self.max_new_tokens:
+            logits = self.model(input_ids=torch.tensor([[generated[-1]]]), past_key_values=cache).logits[0]
+            generated.append(int(logits[-1].argmax()))
+        return generated, time.perf_counter() - started
+
+
+def feed(model, cache: PolicyCache, tokens: torch.Tensor, stepwise: bool) -> torch.Tensor:
+    """[len(tokens), vocab] logits after each token. Stepwise schedules evict between tokens, so
+    they read one token per forward; prefill-once caches only grow, so one forward is exact."""
+    if tokens.numel() == 0:
+        return torch.empty(0, model.config.vocab_size)
+    if not stepwise:
+        return model(tokens[None], past_key_values=cache).logits[0]
+    return torch.cat([model(tokens[None, i : i + 1], past_key_values=cache).logits[0] for i in range(tokens.numel())])
+
+
+def fidelity(logits: torch.Tensor, reference_ids: torch.Tensor, reference_logprobs: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(full ‖ compressed), top-1 agreement) over positions.
+
+    The trace stores the full cache's top-k log-probabilities, so KL is taken over those k tokens
+    plus one bucket for the rest of the vocabulary. Merging outcomes can only lower KL (the log-sum
+    inequality), so this is a lower bound of the exact KL, tight when the top k hold most mass.
+    """
+    rows = reference_ids.shape[0]
+    logprobs = torch.log_softmax(logits[:rows].float(), dim=-1)
+    live = logprobs.gather(1, reference_ids)
+    full = reference_logprobs
+    rest_full = torch.log1p(-full.exp().sum(1).clamp(max=1 - 1e-7))
+    rest_live = torch.log1p(-live.exp().sum(1).clamp(max=1 - 1e-7))
+    kl = (full.exp() * (full - live)).sum(1) + rest_full.exp() * (rest_full - rest_live)
+    top1 = (logprobs.argmax(-1) == reference_ids[:, 0]).float()
+    return float(kl.mean()), float(top1.mean())
+
+
+def capture_row_splits(traceset: TraceSet, sample: TraceSample) -> tuple[int, ...]:
+    """The row groups capture summed column statistics in, so live statistics match them bit for bit:
+    a query-aware sample captured alongside its query-agnostic twin was split at the context's end."""
+    if sample.mode != "query-aware" or sample.context_len >= sample.prompt_len:
+        return ()
+    twins = traceset.manifest.filter((traceset.manifest["sample_id"] == sample.sample_id) & (traceset.manifest["mode"] == "query-agnostic"))
+    return (sample.context_len,) if twins.height else ()

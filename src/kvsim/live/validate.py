@@ -1,0 +1,102 @@
+"""Live validation: policies × budgets on trace samples, each live outcome beside the simulator's
+prediction for the same (sample, policy, budget).
+
+Each sample is prefilled once (`LiveSample`), the simulator replays it once for all policies, and
+every (policy, budget) then runs its own decode. One row per (sample, mode, policy, budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+import polars as pl
+
+from kvsim.errors import KvsimError
+from kvsim.live.runner import LiveSample
+from kvsim.policies.budget import Budget
+from kvsim.policies.policy import Policy
+from kvsim.sim.simulate import LAYER_SCHEMA, simulate_sample, summarize
+from kvsim.traces.models import LoadedModel
+from kvsim.traces.store import TraceSample, TraceSet
+
+SIM_COLUMNS = {"sim_score": "sim_score", "attn_recall": "sim_attn_recall", "out_err": "sim_out_err", "kv_bytes": "sim_kv_bytes"}
+
+
+def check_model_matches(loaded: LoadedModel, traceset: TraceSet) -> None:
+    expected = traceset.meta["model"]
+    if loaded.config_hash != expected["config_hash"]:
+        raise KvsimError(
+            f"the traces were captured from {expected['id']} (config {expected['config_hash']}) but the model given is "
+            f"{loaded.source.name} (config {loaded.config_hash}): validate with the model that captured them"
+        )
+
+
+def select_samples(traceset: TraceSet, mode: str | None, count: int | None, sample_ids: Sequence[str] | None = None) -> list[TraceSample]:
+    samples = [s for s in traceset.samples(mode) if sample_ids is None or s.sample_id in sample_ids]
+    if not samples:
+        raise KvsimError("no trace samples match the mode and sample ids asked for: check --mode against `kvsim traces info`")
+    return samples[:count] if count else samples
+
+
+def validate(
+    loaded: LoadedModel,
+    traceset: TraceSet,
+    policies: Sequence[Policy],
+    budgets: Sequence[Budget],
+    samples: Sequence[TraceSample],
+    on_run: Callable[[], None] = lambda: None,
+) -> pl.DataFrame:
+    check_model_matches(loaded, traceset)
+    for policy in policies:
+        policy.check_traces(traceset.n_layers, traceset.meta["window"])
+    window = max(max(policy.observation_window for policy in policies), 1)
+    rows = []
+    for sample in samples:
+        predicted = _simulated(traceset, sample, policies, budgets)
+        live = LiveSample(loaded, traceset, sample, window)
+        for budget in budgets:
+            for policy in policies:
+                outcome = live.run(policy, budget)
+                rows.append(
+                    {
+                        "sample_id": sample.sample_id,
+                        "mode": sample.mode,
+                        "task": sample.task,
+                        "policy": policy.name,
+                        "budget": budget.label,
+                        "full_cache_score": sample.score,
+                        **predicted[(policy.name, budget.label)],
+                        **asdict(outcome),
+                    }
+                )
+                on_run()
+    return pl.DataFrame(rows)
+
+
+def _simulated(traceset: TraceSet, sample: TraceSample, policies: Sequence[Policy], budgets: Sequence[Budget]) -> dict:
+    layers = pl.DataFrame(simulate_sample(traceset, sample, policies, budgets, oracle=False), schema=LAYER_SCHEMA)
+    summary = summarize(layers, traceset)
+    return {
+        (row["policy"], row["budget"]): {new: row[old] for old, new in SIM_COLUMNS.items()}
+        for row in summary.iter_rows(named=True)
+    }
+
+
+def summarize_validation(table: pl.DataFrame) -> pl.DataFrame:
+    """Means per (mode, policy, budget): what the terminal table and the report show."""
+    return (
+        table.group_by("mode", "budget", "policy", maintain_order=True)
+        .agg(
+            pl.len().alias("samples"),
+            pl.col("sim_score").mean(),
+            pl.col("score").mean(),
+            pl.col("full_cache_score").mean(),
+            pl.col("kl").mean(),
+            pl.col("top1").mean(),
+            pl.col("kv_bytes").mean(),
+            pl.col("padding_bytes").mean(),
+            pl.col("decode_ms_per_token").mean(),
+        )
+        .sort("mode", "budget", "sim_score", descending=[False, False, True])
+    )

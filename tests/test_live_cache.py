@@ -1,0 +1,163 @@
+"""The policy cache inside transformers on tiny random models: exactness with `full`, true RoPE
+positions after eviction, memory held against the budget rule, stepwise and low-precision storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvsim.errors import KvsimError
+from kvsim.live.cache import PolicyCache
+from kvsim.live.lowbit import PackedTokens
+from kvsim.policies.allocators.uniform import Uniform
+from kvsim.policies.budget import Budget
+from kvsim.policies.policy import Policy
+from kvsim.policies.presets import PRESETS
+from kvsim.policies.retention import fake_quantize
+from kvsim.policies.schedules import PrefillOnce
+from kvsim.policies.scorers.recency import Recency
+
+PROMPT = 120
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_model):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, tiny_model.model.config.vocab_size, (1, PROMPT), generator=generator)
+
+
+def greedy(model, ids, cache, steps=12):
+    """Greedy tokens and each step's logits, by hand so both caches see identical calls."""
+    logits = model(ids, past_key_values=cache).logits[0, -1:]
+    tokens, rows = [int(logits[-1].argmax())], [logits]
+    for _ in range(steps - 1):
+        logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache).logits[0]
+        tokens.append(int(logits[-1].argmax()))
+        rows.append(logits)
+    return tokens, torch.cat(rows)
+
+
+@torch.inference_mode()
+def test_full_policy_generates_exactly_like_plain_transformers(tiny_model, prompt_ids):
+    model = tiny_model.model
+    plain = model.generate(prompt_ids, max_new_tokens=12, do_sample=False, past_key_values=DynamicCache(config=model.config))
+    cache = PolicyCache.for_model(PRESETS["full"], 0.1, model)
+    with_policy = model.generate(prompt_ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert torch.equal(plain, with_policy)
+    reference_tokens, reference_logits = greedy(model, prompt_ids, DynamicCache(config=model.config))
+    tokens, logits = greedy(model, prompt_ids, PolicyCache.for_model(PRESETS["full"], 0.1, model))
+    assert tokens == reference_tokens
+    torch.testing.assert_close(logits, reference_logits, atol=2e-5, rtol=1e-4)
+
+
+def masked_reference(model, ids, hidden, position_shift=0):
+    """Logits of a full forward where every query after the prompt cannot see `hidden` prompt
+    positions: what a cache that dropped them must produce if new tokens keep their true positions."""
+    total = ids.shape[1]
+    allowed = torch.ones(total, total, dtype=torch.bool).tril()
+    allowed[PROMPT:, hidden] = False
+    mask = torch.zeros(1, 1, total, total).masked_fill(~allowed, float("-inf"))
+    positions = torch.arange(total)[None]
+    positions[:, PROMPT:] -= position_shift
+    return model(ids, attention_mask=mask, position_ids=positions).logits[0]
+
+
+@torch.inference_mode()
+def test_new_tokens_keep_their_true_rope_positions(tiny_model, prompt_ids):
+    model = tiny_model.model
+    model.set_attn_implementation("sdpa")
+    # Recency with 4 sinks keeps the same tokens in every layer and head, so a 4D mask can express it.
+    policy = Policy("sinks_and_recent", Recency(), Uniform(), PrefillOnce(sinks=4))
+    budget = 40
+    tokens, logits = greedy(model, prompt_ids, PolicyCache.for_model(policy, budget, model))
+    hidden = torch.arange(4, PROMPT - (budget - 4))
+    ids = torch.cat([prompt_ids, torch.tensor([tokens[:-1]])], dim=1)
+    model.set_attn_implementation("sdpa")
+    reference = masked_reference(model, ids, hidden)[PROMPT - 1 :]
+    torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-4)
+    # The check can fail: renumbering the new tokens as if the cache were contiguous changes the logits.
+    shifted = masked_reference(model, ids, hidden, position_shift=hidden.numel())[PROMPT:]
+    assert (shifted - reference[1:]).abs().max() > 1e-3
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("preset", ["snapkv", "adakv", "pyramidkv", "razor"])
+def test_memory_held_matches_the_budget_rule(tiny_model, prompt_ids, preset):
+    model = tiny_model.model
+    config = model.config
+    budget = Budget(0.25)
+    cache = PolicyCache.for_model(PRESETS[preset], budget, model)
+    model(prompt_ids, past_key_values=cache)
+    kv_heads = config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    full, low = cache.held_tokens()
+    assert low == 0
+    assert full == budget.total(PROMPT, config.num_hidden_layers, kv_heads)
+    assert full == int(cache.budgets.sum())
+    for layer in range(config.num_hidden_layers):
+        counts = [len(p) for p in cache.kept_positions(layer)]
+        assert counts == cache.budgets[layer].tolist()
+    slot_bytes = 2 * head_dim * 4  # keys and values, fp32
+    padding = cache.padding_bytes()
+    assert cache.held_bytes() == full * slot_bytes + padding
+    widths = [cache.layers[layer].positions.shape[1] for layer in range(config.num_hidden_layers)]
+    assert padding == sum(w * kv_heads - int(b.sum()) for w, b in zip(widths, cache.budgets)) * slot_bytes
+
+
+@torch.inference_mode()
+def test_every_step_schedules_hold_each_head_at_its_budget(tiny_model, prompt_ids):
+    model = tiny_model.model
+    cache = PolicyCache.for_model(PRESETS["h2o"], 48, model)
+    tokens, _ = greedy(model, prompt_ids, cache, steps=6)
+    assert cache.get_seq_length() == PROMPT + 5
+    for layer in range(model.config.num_hidden_layers):
+        kept = cache.kept_positions(layer)
+        assert [len(p) for p in kept] == cache.budgets[layer].tolist()
+        for positions in kept:  # the recent window is protected: the newest 32 positions are all held
+            assert positions[-32:].tolist() == list(range(PROMPT + 5 - 32, PROMPT + 5))
+
+
+@torch.inference_mode()
+def test_lagged_schedules_evict_only_on_their_steps(tiny_model, prompt_ids):
+    model = tiny_model.model
+    cache = PolicyCache.for_model(PRESETS["lazy"], 48, model)  # every 16 steps
+    greedy(model, prompt_ids, cache, steps=10)  # 9 decode tokens: no eviction yet
+    assert [len(p) for p in cache.kept_positions(0)] == [48 + 9] * model.config.num_key_value_heads
+
+
+@torch.inference_mode()
+def test_low_precision_tokens_are_stored_packed(tiny_model, prompt_ids):
+    model = tiny_model.model
+    cache = PolicyCache.for_model(PRESETS["mikv"], 0.25, model)  # 2-bit retention of evicted tokens
+    model(prompt_ids, past_key_values=cache)
+    layer = cache.layers[0]
+    kv_heads, head_dim = layer.keys.shape[1], layer.keys.shape[3]
+    evicted = PROMPT - round(0.25 * PROMPT)
+    assert layer.low_keys.codes.shape == (kv_heads, evicted, head_dim // 4)
+    assert cache.held_tokens() == (int(cache.budgets.sum()), evicted * kv_heads * model.config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packed_tokens_read_back_the_simulators_low_precision_values(bits):
+    x = torch.randn(2, 7, 10)
+    packed = PackedTokens.pack(x, bits)
+    torch.testing.assert_close(packed.unpack(), fake_quantize(x, bits), atol=0, rtol=0)
+    per_byte = 8 // bits if 8 % bits == 0 else 1
+    assert packed.codes.shape[-1] == -(-10 // per_byte)
+
+
+@torch.inference_mode()
+def test_batches_are_refused_with_a_clear_error(tiny_model, prompt_ids):
+    model = tiny_model.model
+    with pytest.raises(KvsimError, match="batch size 1"):
+        model(prompt_ids.repeat(2, 1), past_key_values=PolicyCache.for_model(PRESETS["snapkv"], 0.2, model))
+
+
+@torch.inference_mode()
+def test_prompts_shorter_than_the_budget_stay_whole(tiny_model, prompt_ids):
+    model = tiny_model.model
+    cache = PolicyCache.for_model(PRESETS["snapkv"], 500, model)
+    model(prompt_ids, past_key_values=cache)
+    assert not cache.compressed
+    assert cache.held_tokens()[0] == PROMPT * model.config.num_key_value_heads * model.config.num_hidden_layers
