@@ -2,7 +2,7 @@
 
 import typer
 
-from kvsim.cli import capture, policies, simulate, traces, validate
+from kvsim.cli import capture, export, policies, simulate, traces, validate
 
 app = typer.Typer(
     name="kvsim",
@@ -15,6 +15,7 @@ app.command(name="capture")(capture.capture)
 app.command(name="simulate")(simulate.simulate)
 app.command(name="policies")(policies.policies)
 app.command(name="validate")(validate.validate_command)
+app.command(name="export")(export.export)
 app.add_typer(traces.app, name="traces")
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ after each sample, so an interrupted capture leaves a valid, smaller TraceSet th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,6 +160,14 @@ class TraceSet:
         if rows.is_empty():
             raise KvsimError(f"{self.root} has no sample {sample_id!r} in mode {mode}")
         return TraceSample(self.root, rows.row(0, named=True))
+
+    @property
+    def content_hash(self) -> str:
+        """A short hash of the set's metadata and every sample file's checksum: what a result was computed on."""
+        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode())
+        for checksum in sorted(self.manifest["sha256"].to_list()):
+            digest.update(checksum.encode())
+        return digest.hexdigest()[:16]
 
     @property
     def n_layers(self) -> int:

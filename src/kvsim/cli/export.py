@@ -1,0 +1,96 @@
+"""`kvsim export`: write a policy and budget as a file other code applies with `kvsim.load_policy`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import typer
+
+from kvsim.cli.common import console, reports_errors
+from kvsim.errors import KvsimError
+from kvsim.live.export import ExportedPolicy, ModelShape
+from kvsim.live.kvpress_export import write_press_script
+from kvsim.paths import ensure_writable_dir
+from kvsim.policies import Budget, resolve_policy
+from kvsim.sim import simulate
+from kvsim.traces.models import load_model
+from kvsim.traces.store import TraceSet
+
+METRIC_COLUMNS = ("sim_score", "attn_recall", "out_err", "kv_bytes", "score", "kl", "top1", "decode_ms_per_token")
+
+
+@reports_errors
+def export(
+    policy: str = typer.Option(..., help="Preset name or policy spec .json."),
+    out: Path = typer.Option(..., "--out", help="The exported policy file (.json)."),
+    budget: str = typer.Option("0.1", help="Fraction of the prompt (0.1) or token count (256)."),
+    model: str | None = typer.Option(None, help="Model the policy is for (default: the one that captured --traces)."),
+    traces: Path | None = typer.Option(None, help="TraceSet the policy was tuned on: records its hash and simulated metrics."),
+    validation: Path | None = typer.Option(None, help="validation.parquet from `kvsim validate`: records the live metrics."),
+    study: str | None = typer.Option(None, help="Search study the policy came from, for provenance."),
+    trial: int | None = typer.Option(None, help="Trial number in that study, for provenance."),
+    kvpress: bool = typer.Option(False, help="Also write a kvpress press script beside the file, where the policy maps onto presses."),
+) -> None:
+    """Export a policy spec with its budget, model and evidence; load it with kvsim.load_policy(path).
+
+    Example: [bold]kvsim export --policy snapkv --budget 0.1 --traces runs/demo/traces --out winner.json[/]
+    """
+    chosen = resolve_policy(policy)
+    chosen_budget = Budget.parse(budget)
+    if model is None and traces is None:
+        raise KvsimError("say which model the policy is for: give --model or --traces")
+    traceset = TraceSet.open(traces) if traces is not None else None
+    shape = model_shape(model, traceset)
+    chosen.check_model(shape.n_layers)
+    provenance = {
+        "traceset": None if traceset is None else {"path": str(traces), "hash": traceset.content_hash},
+        "study": study,
+        "trial": trial,
+    }
+    metrics = {
+        "simulated": None if traceset is None else simulated_metrics(traceset, chosen, chosen_budget),
+        "validated": None if validation is None else validated_metrics(validation, chosen.name, chosen_budget),
+    }
+    ensure_writable_dir(out.parent, "output folder")
+    path = ExportedPolicy(chosen, chosen_budget, shape, provenance, metrics).write(out)
+    console.print(f"exported {chosen.name} at budget {chosen_budget.label} for {shape.id}: {path}")
+    if kvpress:
+        console.print(f"kvpress script: {write_press_script(chosen, chosen_budget, path.with_suffix('.kvpress.py'))}")
+
+
+def model_shape(model: str | None, traceset: TraceSet | None) -> ModelShape:
+    if model is None:
+        return _from_traces(traceset)
+    loaded = load_model(model)
+    shape = ModelShape.of(loaded.source.name, loaded.config_hash, loaded.model.config)
+    if traceset is not None and traceset.meta["model"]["config_hash"] != shape.config_hash:
+        raise KvsimError(f"--traces were captured from {traceset.meta['model']['id']}, not {model}: export with matching traces")
+    return shape
+
+
+def _from_traces(traceset: TraceSet) -> ModelShape:
+    meta = traceset.meta["model"]
+    return ModelShape(meta["id"], meta["config_hash"], meta["n_layers"], meta["heads"], meta["kv_heads"], meta["head_dim"])
+
+
+def simulated_metrics(traceset: TraceSet, policy, budget: Budget) -> dict:
+    samples = simulate(traceset, [policy], [budget], oracle=False).samples
+    return _means(samples, "samples")
+
+
+def validated_metrics(path: Path, name: str, budget: Budget) -> dict:
+    try:
+        table = pl.read_parquet(path)
+    except (OSError, pl.exceptions.ComputeError) as err:
+        raise KvsimError(f"cannot read validation table {path}: {err}") from err
+    rows = table.filter((pl.col("policy") == name) & (pl.col("budget") == budget.label))
+    if rows.is_empty():
+        raise KvsimError(f"{path} has no live runs of {name} at budget {budget.label}: run `kvsim validate` with them")
+    return _means(rows, "samples")
+
+
+def _means(table: pl.DataFrame, count_name: str) -> dict:
+    present = [column for column in METRIC_COLUMNS if column in table.columns]
+    means = table.select(pl.col(present).mean()).row(0, named=True)
+    return {count_name: table.height, **{key: float(value) for key, value in means.items() if value is not None}}
