@@ -16,6 +16,7 @@ app.command(name="simulate")(simulate.simulate)
 app.command(name="policies")(policies.policies)
 app.command(name="validate")(validate.validate_command)
 app.command(name="export")(export.export)
+app.command(name="fidelity")(validate.fidelity_command)
 app.add_typer(traces.app, name="traces")
 
 if __name__ == "__main__":

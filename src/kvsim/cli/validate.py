@@ -1,4 +1,4 @@
-"""`kvsim validate`: run policies live on trace samples, beside the simulator's prediction."""
+"""`kvsim validate` and `kvsim fidelity`: run policies live on trace samples, beside the simulator."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.table import Table
 from kvsim.cli.common import console, human_bytes, progress_bars, reports_errors
 from kvsim.cli.simulate import split_values
 from kvsim.errors import KvsimError
+from kvsim.live.fidelity import correlations, write_fidelity_report
 from kvsim.live.validate import select_samples, summarize_validation, validate
 from kvsim.paths import ensure_writable_dir, write_atomically
 from kvsim.policies import PRESETS, Budget, resolve_policy
@@ -67,3 +68,39 @@ def print_validation(table: pl.DataFrame) -> None:
             human_bytes(row["padding_bytes"]), f"{row['decode_ms_per_token']:.1f}",
         )
     console.print(view)
+
+
+@reports_errors
+def fidelity_command(
+    traces: Path = typer.Option(..., "--traces", help="TraceSet folder written by `kvsim capture`."),
+    out: Path = typer.Option(..., "--out", help="Output folder for fidelity.parquet, correlations.csv, fidelity.png/.html."),
+    policy: list[str] = typer.Option(["all"], help="Policies to spread over; 'all' presets by default."),
+    budget: list[str] = typer.Option(["0.05,0.2"], help="Budgets to spread over; repeat or comma-separate."),
+    model: str | None = typer.Option(None, help="Model to run (default: the one that captured the traces)."),
+    samples: int | None = typer.Option(4, min=1, help="Samples per (policy, budget) pair."),
+    mode: str = typer.Option("query-aware", help=f"Evaluation mode: {' or '.join(MODES)}."),
+) -> None:
+    """Run many (policy, budget) pairs both simulated and live and report how well sim_score ranks them.
+
+    Example: [bold]kvsim fidelity --traces runs/demo/traces --samples 4 --out runs/fidelity[/]
+    """
+    if mode not in MODES:
+        raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
+    traceset = TraceSet.open(traces)
+    names = [name for item in split_values(policy) for name in (PRESETS if item == "all" else [item])]
+    policies = [resolve_policy(name) for name in names]
+    budgets = [Budget.parse(value) for value in split_values(budget)]
+    if len(policies) * len(budgets) < 3:
+        raise KvsimError("rank correlations need at least 3 (policy, budget) pairs: give more policies or budgets")
+    chosen = select_samples(traceset, mode, samples)
+    ensure_writable_dir(out, "output folder")
+    loaded = load_model(model or traceset.meta["model"]["id"])
+    table = run_with_progress(loaded, traceset, policies, budgets, chosen)
+    paths = write_fidelity_report(table, out)
+    found = correlations(table).filter(pl.col("level") == "pairs")
+    view = Table("simulated", "live", "pairs", "Spearman", "Kendall")
+    for row in found.iter_rows(named=True):
+        fmt = lambda v: "–" if v is None else f"{v:+.3f}"  # noqa: E731
+        view.add_row(row["simulated"], row["live"], str(row["n"]), fmt(row["spearman"]), fmt(row["kendall"]))
+    console.print(view)
+    console.print(f"fidelity report: {paths['fidelity.html']}")

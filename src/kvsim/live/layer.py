@@ -177,9 +177,14 @@ class PolicyLayer(CacheLayerMixin):
     def current_view(self) -> CacheView:
         """The view over every position some head holds at full precision (`present` says which)."""
         held = self.positions >= 0
-        union = torch.unique(self.positions[held])
         head, slot = held.nonzero(as_tuple=True)
-        at = torch.searchsorted(union, self.positions[head, slot])
+        position = self.positions[head, slot]
+        # A bitmap over every position seen gives the union and each position's index in it
+        # without sorting (positions are below `seen`).
+        in_union = torch.zeros(self.seen, dtype=torch.bool, device=self.device)
+        in_union[position] = True
+        union = in_union.nonzero().flatten()
+        at = (torch.cumsum(in_union, 0) - 1)[position]
         kv_heads, _, head_dim = self.keys.shape[1:]
         keys = self.keys.new_zeros(kv_heads, union.numel(), head_dim, dtype=torch.float32)
         values = torch.zeros_like(keys)
