@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import polars as pl
@@ -12,6 +13,7 @@ from kvsim.cli.common import console, human_bytes, progress_bars, reports_errors
 from kvsim.cli.simulate import split_values
 from kvsim.errors import KvsimError
 from kvsim.live.fidelity import correlations, write_fidelity_report
+from kvsim.live.search_run import add_to_report, read_search_run, with_presets
 from kvsim.live.validate import select_samples, summarize_validation, validate
 from kvsim.paths import ensure_writable_dir, write_atomically
 from kvsim.policies import PRESETS, Budget, resolve_policy
@@ -23,39 +25,59 @@ VALIDATION_FILE = "validation.parquet"
 
 @reports_errors
 def validate_command(
-    traces: Path = typer.Option(..., "--traces", help="TraceSet folder written by `kvsim capture`."),
-    policy: list[str] = typer.Option(..., help="Preset name, a policy spec .json, or 'all'; repeat or comma-separate."),
+    traces: Path | None = typer.Option(None, "--traces", help="TraceSet folder written by `kvsim capture` (not with --run)."),
+    policy: list[str] = typer.Option([], help="Preset name, a policy spec .json, or 'all'; repeat or comma-separate."),
     budget: list[str] = typer.Option(["0.1"], help="Fractions of the prompt (0.1) or token counts (256); repeat or comma-separate."),
-    out: Path = typer.Option(..., "--out", help=f"Output folder; the table goes to {VALIDATION_FILE} in it."),
+    out: Path | None = typer.Option(None, "--out", help=f"Output folder for {VALIDATION_FILE} (default with --run: RUNDIR)."),
+    run: Path | None = typer.Option(None, "--run", help="A `kvsim search` RUNDIR: validate its winners on its held-out samples."),
+    top: int = typer.Option(3, min=1, help="With --run: how many winners."),
     model: str | None = typer.Option(None, help="Model to run (default: the one that captured the traces)."),
     samples: int | None = typer.Option(None, min=1, help="Validate only the first N samples of the mode."),
-    mode: str = typer.Option("query-aware", help=f"Evaluation mode: {' or '.join(MODES)}."),
+    mode: str = typer.Option("query-aware", help=f"Evaluation mode: {' or '.join(MODES)} (with --run: the run's)."),
 ) -> None:
     """Run each policy live on trace samples: task score, fidelity to the full cache (KL, top-1),
-    KV bytes held and decode time, beside the simulator's prediction.
+    KV bytes held and decode time, beside the simulator's prediction. With --run, the search's top
+    policies run beside the presets (--policy, default all) on its held-out samples, and the table
+    and a plot are added to RUNDIR/report.html.
 
     Example: [bold]kvsim validate --traces runs/demo/traces --policy snapkv,h2o --budget 0.1 --samples 2 --out runs/val[/]
+    Example: [bold]kvsim validate --run runs/search --top 3 --policy snapkv,adakv[/]
     """
-    if mode not in MODES:
-        raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
-    traceset = TraceSet.open(traces)
-    names = [name for item in split_values(policy) for name in (PRESETS if item == "all" else [item])]
+    names = [name for item in split_values(policy) or (["all"] if run else []) for name in (PRESETS if item == "all" else [item])]
+    if not names and run is None:
+        raise KvsimError("say what to validate: --policy NAME|spec.json (or --run RUNDIR for a search's winners)")
     policies = [resolve_policy(name) for name in names]
-    budgets = [Budget.parse(value) for value in split_values(budget)]
-    chosen = select_samples(traceset, mode, samples)
+    if run is not None:
+        if traces is not None:
+            raise KvsimError("--run reads the traces from the search run: drop --traces")
+        search = read_search_run(run, top)
+        traceset = TraceSet.open(search.traces)
+        pairs = with_presets(search, policies)
+        chosen = select_samples(traceset, search.mode, samples, search.held_out)
+        out = out or run
+    else:
+        if traces is None or out is None:
+            raise KvsimError("give --traces and --out (or --run RUNDIR)")
+        if mode not in MODES:
+            raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
+        traceset = TraceSet.open(traces)
+        pairs = list(itertools.product(policies, [Budget.parse(value) for value in split_values(budget)]))
+        chosen = select_samples(traceset, mode, samples)
     ensure_writable_dir(out, "output folder")
     loaded = load_model(model or traceset.meta["model"]["id"])
-    table = run_with_progress(loaded, traceset, policies, budgets, chosen)
+    table = run_with_progress(loaded, traceset, pairs, chosen)
     path = out / VALIDATION_FILE
     write_atomically(path, table.write_parquet)
     print_validation(table)
     console.print(f"validation table: {path}")
+    if run is not None:
+        console.print(f"report: {add_to_report(run, table)}")
 
 
-def run_with_progress(loaded, traceset, policies, budgets, samples) -> pl.DataFrame:
+def run_with_progress(loaded, traceset, pairs, samples) -> pl.DataFrame:
     with progress_bars() as progress:
-        bar = progress.add_task(f"live runs of {len(policies)} policies × {len(budgets)} budgets", total=len(samples) * len(policies) * len(budgets))
-        return validate(loaded, traceset, policies, budgets, samples, on_run=lambda: progress.advance(bar))
+        bar = progress.add_task(f"live runs of {len(pairs)} (policy, budget) pairs", total=len(samples) * len(pairs))
+        return validate(loaded, traceset, pairs, samples, on_run=lambda: progress.advance(bar))
 
 
 def print_validation(table: pl.DataFrame) -> None:
@@ -95,7 +117,7 @@ def fidelity_command(
     chosen = select_samples(traceset, mode, samples)
     ensure_writable_dir(out, "output folder")
     loaded = load_model(model or traceset.meta["model"]["id"])
-    table = run_with_progress(loaded, traceset, policies, budgets, chosen)
+    table = run_with_progress(loaded, traceset, list(itertools.product(policies, budgets)), chosen)
     paths = write_fidelity_report(table, out)
     found = correlations(table).filter(pl.col("level") == "pairs")
     view = Table("simulated", "live", "pairs", "Spearman", "Kendall")

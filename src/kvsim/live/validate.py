@@ -42,41 +42,44 @@ def select_samples(traceset: TraceSet, mode: str | None, count: int | None, samp
 def validate(
     loaded: LoadedModel,
     traceset: TraceSet,
-    policies: Sequence[Policy],
-    budgets: Sequence[Budget],
+    pairs: Sequence[tuple[Policy, Budget]],
     samples: Sequence[TraceSample],
     on_run: Callable[[], None] = lambda: None,
 ) -> pl.DataFrame:
+    """Every (policy, budget) pair live on every sample; policy names label the rows, so make them distinct."""
     check_model_matches(loaded, traceset)
-    for policy in policies:
+    for policy, _ in pairs:
         policy.check_traces(traceset.n_layers, traceset.meta["window"])
-    window = max(max(policy.observation_window for policy in policies), 1)
+    window = max(max(policy.observation_window for policy, _ in pairs), 1)
     rows = []
     for sample in samples:
-        predicted = _simulated(traceset, sample, policies, budgets)
+        predicted = _simulated(traceset, sample, pairs)
         live = LiveSample(loaded, traceset, sample, window)
-        for budget in budgets:
-            for policy in policies:
-                outcome = live.run(policy, budget)
-                rows.append(
-                    {
-                        "sample_id": sample.sample_id,
-                        "mode": sample.mode,
-                        "task": sample.task,
-                        "policy": policy.name,
-                        "budget": budget.label,
-                        "full_cache_score": sample.score,
-                        **predicted[(policy.name, budget.label)],
-                        **asdict(outcome),
-                    }
-                )
-                on_run()
+        for policy, budget in pairs:
+            outcome = live.run(policy, budget)
+            rows.append(
+                {
+                    "sample_id": sample.sample_id,
+                    "mode": sample.mode,
+                    "task": sample.task,
+                    "policy": policy.name,
+                    "budget": budget.label,
+                    "full_cache_score": sample.score,
+                    **predicted[(policy.name, budget.label)],
+                    **asdict(outcome),
+                }
+            )
+            on_run()
     return pl.DataFrame(rows)
 
 
-def _simulated(traceset: TraceSet, sample: TraceSample, policies: Sequence[Policy], budgets: Sequence[Budget]) -> dict:
-    layers = pl.DataFrame(simulate_sample(traceset, sample, policies, budgets, oracle=False), schema=LAYER_SCHEMA)
-    summary = summarize(layers, traceset)
+def _simulated(traceset: TraceSet, sample: TraceSample, pairs: Sequence[tuple[Policy, Budget]]) -> dict:
+    """The simulator's prediction per (policy name, budget label), one replay batch per budget."""
+    by_budget: dict[Budget, list[Policy]] = {}
+    for policy, budget in pairs:
+        by_budget.setdefault(budget, []).append(policy)
+    rows = [row for budget, policies in by_budget.items() for row in simulate_sample(traceset, sample, policies, [budget], oracle=False)]
+    summary = summarize(pl.DataFrame(rows, schema=LAYER_SCHEMA), traceset)
     return {
         (row["policy"], row["budget"]): {new: row[old] for old, new in SIM_COLUMNS.items()}
         for row in summary.iter_rows(named=True)
