@@ -33,10 +33,12 @@ SECTION = re.compile(r"<!-- kvsim:validation -->.*<!-- /kvsim:validation -->", r
 @dataclass
 class SearchRun:
     rundir: Path
+    study: str
     traces: Path
     mode: str
     held_out: list[str]
     winners: list[tuple[Policy, Budget]]  # best first, renamed top1-…, top2-…
+    top_entries: list[dict]  # search.json's entries for them (sim_score, provenance, kv_mib)
 
 
 def read_search_run(rundir: Path, top: int) -> SearchRun:
@@ -55,7 +57,7 @@ def read_search_run(rundir: Path, top: int) -> SearchRun:
         policy = load_policy_spec(rundir / entry["spec"])
         winners.append((replace(policy, name=f"top{entry['rank']}-{policy.name}"), Budget(entry["budget"])))
     held_out = summary["samples"]["held_out"] or summary["samples"]["search"]
-    return SearchRun(rundir, Path(summary["traces"]), summary["mode"], list(held_out), winners)
+    return SearchRun(rundir, summary["study"], Path(summary["traces"]), summary["mode"], list(held_out), winners, entries[:top])
 
 
 def with_presets(run: SearchRun, presets: list[Policy]) -> list[tuple[Policy, Budget]]:
