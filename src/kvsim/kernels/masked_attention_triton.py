@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvsim.kernels.masked_attention import MaskedAttentionSums, check_masked_inputs
+from kvsim.kernels.masked_attention import DEFAULT_CHUNK_BYTES, MaskedAttentionSums, check_masked_inputs
 
 BLOCK_ROWS = 32
 BLOCK_KEYS = 64
@@ -99,7 +99,7 @@ def masked_attention_sums_triton(
     scaling: float,
     readable: torch.Tensor,
     evidence: torch.Tensor | None = None,
-    chunk_bytes: int = 0,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> MaskedAttentionSums:
     """Same inputs and outputs as `masked_attention_sums_torch` (chunk_bytes is unused: tiles have a
     fixed size)."""
