@@ -107,7 +107,7 @@ def simulator_path(queries, keys, values, scaling, readable, evidence) -> list:
         layer=0, n_layers=1, keys=keys[:, :prompt], values=values[:, :prompt], positions=torch.arange(prompt),
         queries=queries.reshape(kv_heads * group, context, head_dim), query_positions=torch.arange(prompt, total),
         scaling=scaling,
-    )  # fmt: skip
+    )
     return [replay_selection([keep[:, :prompt]], [view], [full]) for keep in readable]
 
 
@@ -133,7 +133,7 @@ def measure(name: str, fn: Callable, case: Case, args: argparse.Namespace, sync:
         "kernel": case.kernel, "T": case.length, "implementation": name, "seconds": seconds,
         "GB_per_s": case.bytes_moved / seconds / 1e9, "GFLOP_per_s": case.flops / seconds / 1e9,
         "bytes_moved": case.bytes_moved, "flops": case.flops, "warmup_seconds": warmup, "runs": len(runs),
-    }  # fmt: skip
+    }
     print(
         f"{case.kernel:13s} T={case.length:6d} {name:14s} {seconds * 1e3:10.2f} ms {row['GB_per_s']:8.2f} GB/s "
         f"{row['GFLOP_per_s']:9.1f} GFLOP/s  (warm-up {warmup:.1f} s, {len(runs)} runs)",
@@ -171,7 +171,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--compile-max-length", type=int, default=8192,
         help="longest T at which torch.compile of the masked-sums twin is timed on a CPU",
-    )  # fmt: skip
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
     return parser.parse_args()

@@ -32,7 +32,7 @@ def _forward(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     n, total, head_dim, group, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """Program (row block, query head): causal attention output and lse of BLOCK_M query rows."""
     row_block, head = tl.program_id(0), tl.program_id(1)
     kv_head = head // group
@@ -68,7 +68,7 @@ def _forward(
     running_sum = tl.where(row_ok, running_sum, 1.0)  # padding rows see nothing; keep them finite
     out = acc / running_sum[:, None]
     tl.store(out_ptr + (head * n + rows)[:, None] * head_dim + dims[None, :], out.to(out_ptr.dtype.element_ty),
-             row_ok[:, None] & dim_ok[None, :])  # fmt: skip
+             row_ok[:, None] & dim_ok[None, :])
     tl.store(lse_ptr + head * n + rows, running_max + tl.log(running_sum), row_ok)
 
 
@@ -77,7 +77,7 @@ def _column_sums(
     q_ptr, k_ptr, lse_ptr, bounds_ptr, colsum_ptr, colsq_ptr,
     n, total, head_dim, group, heads, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """Program (key block, query head, row group): Σp and Σp² over the group's rows for BLOCK_N keys."""
     key_block, head, row_group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_head = head // group
@@ -86,7 +86,7 @@ def _column_sums(
     key_ok = keys < total
     dim_ok = dims < head_dim
     k = tl.load(k_ptr + (kv_head * total + keys)[:, None] * head_dim + dims[None, :], key_ok[:, None] & dim_ok[None, :],
-                other=0.0).to(tl.float32)  # fmt: skip
+                other=0.0).to(tl.float32)
     first_row = tl.load(bounds_ptr + row_group)
     stop_row = tl.load(bounds_ptr + row_group + 1)
     # Rows before position key_block * BLOCK_N see none of these keys (causality): skip them.
@@ -97,7 +97,7 @@ def _column_sums(
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < stop_row
         q = tl.load(q_ptr + (head * n + rows)[:, None] * head_dim + dims[None, :], row_ok[:, None] & dim_ok[None, :],
-                    other=0.0).to(tl.float32) * scaling  # fmt: skip
+                    other=0.0).to(tl.float32) * scaling
         lse = tl.load(lse_ptr + head * n + rows, row_ok, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision="tf32x3")
         visible = (keys[None, :] <= (total - n + rows)[:, None]) & row_ok[:, None] & key_ok[None, :]
@@ -136,5 +136,5 @@ def causal_attention_column_stats_triton(
     _column_sums[(triton.cdiv(total, BLOCK_KEYS), heads, len(bounds) - 1)](
         query, key, lse, torch.tensor(bounds, dtype=torch.int32, device=device), colsum, colsq, *shape, heads, scaling,
         BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d,
-    )  # fmt: skip
+    )
     return ColumnStats(output=output, colsum=colsum, colsq=colsq, lse=lse)

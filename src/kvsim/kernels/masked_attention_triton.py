@@ -30,7 +30,7 @@ def _masked_sums(
     recall_ptr, error_ptr, evidence_kept_ptr, evidence_total_ptr,
     sets, kv_heads, rows, context, total, head_dim, scaling,
     SETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """Program (row block, KV head, set block): per-row recall, output error and evidence mass."""
     row_block, kv_head, set_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows_here = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,7 +41,7 @@ def _masked_sums(
     dim_ok = dims < head_dim
     positions = total - context + rows_here % context  # rows are (query head of the group, row) pairs
     q = tl.load(q_ptr + (kv_head * rows + rows_here)[:, None] * head_dim + dims[None, :], row_ok[:, None] & dim_ok[None, :],
-                other=0.0).to(tl.float32) * scaling  # fmt: skip
+                other=0.0).to(tl.float32) * scaling
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     full_mass = tl.zeros([BLOCK_M], tl.float32)
     full_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -56,7 +56,7 @@ def _masked_sums(
         k = tl.load(k_ptr + tile, key_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + tile, key_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
         masks = tl.load(readable_ptr + (set_ids * kv_heads + kv_head)[:, None] * total + keys[None, :],
-                        set_ok[:, None] & key_ok[None, :], other=0).to(tl.float32)  # fmt: skip
+                        set_ok[:, None] & key_ok[None, :], other=0).to(tl.float32)
         evidence = tl.load(evidence_ptr + keys, key_ok, other=0).to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="tf32x3")
         visible = (keys[None, :] <= positions[:, None]) & row_ok[:, None]
@@ -116,6 +116,6 @@ def masked_attention_sums_triton(
         per_row[0], per_row[1], per_row[2], evidence_rows,
         sets, kv_heads, rows, context, total, head_dim, scaling,
         SETS=SETS_PER_PROGRAM, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-    )  # fmt: skip
+    )
     recall, error, evidence_kept = per_row.sum(-1)
     return MaskedAttentionSums(recall, error, evidence_kept, evidence_rows.sum(-1), rows)
