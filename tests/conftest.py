@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+import os
 
-from kvsim.traces.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model, load_tokenizer
+# Triton kernels run in Triton's CPU interpreter when there is no GPU (test_kernels_triton.py). The
+# switch is read when triton's own functions are decorated, at its import, and transformers imports
+# triton whenever it is installed: so it is set here, before anything else is imported. Nothing
+# else in the tests runs triton code.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from kvsim.traces.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model, load_tokenizer  # noqa: E402
 
 # Tiny shapes with different GQA group sizes (3 and 4) and head dims, so layout bugs show.
 TINY_CONFIGS = {

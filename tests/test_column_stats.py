@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kvsim.errors import KvsimError
 from kvsim.kernels import causal_attention_column_stats
 
 
@@ -49,7 +50,7 @@ def test_row_groups_split_the_sums():
 
 def test_rejects_bad_splits_and_groups():
     query, key = torch.randn(4, 6, 8), torch.randn(3, 6, 8)
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(KvsimError, match="multiple"):
         causal_attention_column_stats(query, key, key, 1.0)
-    with pytest.raises(ValueError, match="increase"):
+    with pytest.raises(KvsimError, match="increase"):
         causal_attention_column_stats(query, key[:2], key[:2], 1.0, row_splits=[6])

@@ -1,4 +1,5 @@
-"""Causal attention that also returns per-key column statistics, without a T×T matrix in memory.
+"""Causal attention that also returns per-key column statistics, without a T×T matrix in memory:
+the PyTorch twin of the Triton kernel in `column_stats_triton` (same signature, same outputs).
 
 Scorers such as H2O (accumulated attention) and the CAKE/SnapKV family need, for every key, how
 much attention the prompt's queries gave it. Summing softmax probabilities column-wise while the
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from kvsim.errors import KvsimError
 
 # Measured on a 2-core CPU at T = 1600: 8 MiB score tiles run 3x faster than 64 MiB ones (the
 # elementwise passes stay in cache) and 2x faster than 512 KiB ones (fewer, larger matmuls).
@@ -35,7 +38,7 @@ class ColumnStats:
     lse: torch.Tensor
 
 
-def causal_attention_column_stats(
+def causal_attention_column_stats_torch(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -52,15 +55,12 @@ def causal_attention_column_stats(
         kept per group, e.g. split at the end of the context to get both evaluation modes' sums
         from one forward pass (they are additive over rows).
     """
+    bounds = row_group_bounds(query, key, value, row_splits)
     heads, n, head_dim = query.shape
     kv_heads, total, _ = key.shape
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
     group = heads // kv_heads
     offset = total - n
-    bounds = [0, *row_splits, n]
-    if any(a >= b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"row_splits {list(row_splits)} must increase strictly inside (0, {n})")
+    device = query.device
 
     q = query.float().reshape(kv_heads, group, n, head_dim)
     k = key.float()
@@ -69,9 +69,9 @@ def causal_attention_column_stats(
     if known is not None:
         output, lse = known
     else:
-        output = torch.empty(kv_heads, group, n, head_dim, dtype=torch.float32)
-        lse = torch.empty(kv_heads, group, n, dtype=torch.float32)
-    colsum = torch.zeros(len(bounds) - 1, kv_heads, group, total, dtype=torch.float32)
+        output = torch.empty(kv_heads, group, n, head_dim, dtype=torch.float32, device=device)
+        lse = torch.empty(kv_heads, group, n, dtype=torch.float32, device=device)
+    colsum = torch.zeros(len(bounds) - 1, kv_heads, group, total, dtype=torch.float32, device=device)
     colsq = torch.zeros_like(colsum)
     rows_per_chunk = max(1, chunk_bytes // (4 * heads * total))
 
@@ -80,8 +80,8 @@ def causal_attention_column_stats(
             row1 = min(row0 + rows_per_chunk, stop)
             visible = offset + row1  # keys beyond the chunk's last position are masked for every row
             scores = torch.matmul(q[:, :, row0:row1], k[:, None, :visible].transpose(-1, -2)).mul_(scaling)
-            positions = torch.arange(offset + row0, offset + row1)
-            future = torch.arange(visible)[None, :] > positions[:, None]
+            positions = torch.arange(offset + row0, offset + row1, device=device)
+            future = torch.arange(visible, device=device)[None, :] > positions[:, None]
             scores.masked_fill_(future, float("-inf"))
             if known is not None:
                 probs = scores.sub_(lse[:, :, row0:row1, None]).exp_()
@@ -99,6 +99,27 @@ def causal_attention_column_stats(
         colsq=colsq.reshape(-1, heads, total),
         lse=lse.reshape(heads, n),
     )
+
+
+def row_group_bounds(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_splits: Sequence[int]
+) -> list[int]:
+    """[0, *row_splits, n] after checking the shapes both implementations rely on."""
+    if query.dim() != 3 or key.dim() != 3 or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
+        raise KvsimError(
+            f"expected query [heads, n, d] and key, value [kv_heads, T, d]; got {list(query.shape)}, "
+            f"{list(key.shape)}, {list(value.shape)}"
+        )
+    heads, n, _ = query.shape
+    kv_heads, total, _ = key.shape
+    if heads % kv_heads:
+        raise KvsimError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    if n > total:
+        raise KvsimError(f"{n} queries cannot be the last positions of {total} keys")
+    bounds = [0, *row_splits, n]
+    if any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise KvsimError(f"row_splits {list(row_splits)} must increase strictly inside (0, {n})")
+    return bounds
 
 
 def _cpu_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
