@@ -16,18 +16,27 @@ $(SETUP_STAMP): pyproject.toml
 	touch $(SETUP_STAMP)
 
 # The main job on the embedded default: capture the default workload with the bundled model,
-# replay every preset on the traces, and write a report with plots.
+# search policies on the simulator, validate the top 3 beside the presets live on held-out
+# samples, export the winner (and its kvpress press), and finish with the report and a summary.
+# Re-running resumes: capture skips what exists and the search adds trials to the same study.
+DEMO ?= runs/demo
+KVSIM := $(VENV)/bin/kvsim
 demo: setup
-	$(VENV)/bin/kvsim capture --samples 4 --mode both --out runs/demo/traces
-	$(VENV)/bin/kvsim simulate --traces runs/demo/traces --policy all --budget 0.1,0.2 \
-		--out runs/demo/sim.parquet --report runs/demo/report.md
+	$(KVSIM) capture --samples 8 --mode query-aware --out $(DEMO)/traces
+	$(KVSIM) search --traces $(DEMO)/traces --budget 0.1 --trials 200 --study demo --out $(DEMO)
+	$(KVSIM) validate --run $(DEMO) --top 3 --policy full,snapkv,adakv,pyramidkv,tova,h2o,streaming_llm
+	$(KVSIM) export --run $(DEMO) --kvpress --out $(DEMO)/winner.json
 
 test: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(PYTHON) -m pytest -q
 
+# Every benchmark, one after another (about 40 min on 2 cores); each writes bench/results/<name>.md|json.
 bench: setup
 	$(PYTHON) bench/capture.py
+	$(PYTHON) bench/sim_speed.py
+	$(PYTHON) bench/live_overhead.py
+	$(PYTHON) bench/kernels.py
 
 clean:
 	rm -rf runs .pytest_cache

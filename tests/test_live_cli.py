@@ -62,7 +62,7 @@ def test_validate_reports_live_metrics_beside_the_simulators(validation):
 
 
 def test_validate_runs_query_agnostic_traces(bundled_traces, tmp_path):
-    result = kvsim_cli("validate", "--traces", bundled_traces, "--policy", "h2o", "--budget", "0.5", "--samples", 1,
+    result = kvsim_cli("validate", "--traces", bundled_traces, "--policy", "snapkv", "--budget", "0.5", "--samples", 1,
                        "--mode", "query-agnostic", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     row = pl.read_parquet(tmp_path / "validation.parquet").row(0, named=True)
