@@ -2,7 +2,7 @@
 
 import typer
 
-from kvsim.cli import capture, policies, simulate, traces
+from kvsim.cli import capture, policies, search, simulate, traces
 
 app = typer.Typer(
     name="kvsim",
@@ -14,6 +14,7 @@ app = typer.Typer(
 app.command(name="capture")(capture.capture)
 app.command(name="simulate")(simulate.simulate)
 app.command(name="policies")(policies.policies)
+app.command(name="search")(search.search)
 app.add_typer(traces.app, name="traces")
 
 if __name__ == "__main__":
