@@ -5,6 +5,9 @@ with one line."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import optuna
 import polars as pl
@@ -91,6 +94,29 @@ def test_two_workers_on_one_journal_file_lose_and_duplicate_no_trial(traces, tmp
     # Each worker ran its share: the trials are split 5 + 5, none run twice.
     assert sorted(pl.Series([t.user_attrs["worker"] for t in trials]).value_counts()["count"].to_list()) == [5, 5]
     assert pl.read_parquet(tmp_path / "trials.parquet")["number"].to_list() == list(range(10))
+
+
+def test_a_trial_left_running_by_a_dead_process_is_run_again(traces, tmp_path):
+    args = ["search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--trials", 1, "--out", tmp_path]
+    assert kvsim(*args).exit_code == 0
+    # What a killed worker leaves behind: a RUNNING trial tagged with a process that is gone.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    study = optuna.load_study(study_name="kvsim", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    orphan = study.ask()
+    for layer in range(4):
+        orphan.suggest_float(f"allocator.free_vector.layer{layer}", 0.1, 10.0, log=True)
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{int(gone.stdout)}")
+
+    result = kvsim(*args)
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="kvsim", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == trials[1].params and trials[2].system_attrs["failed_trial"] == 1
+
+
+def test_search_help_has_an_example():
+    result = kvsim("search", "--help")
+    assert result.exit_code == 0 and "Example" in result.output and "kvsim search --traces" in result.output
 
 
 def test_pareto_study_writes_its_front(tmp_path):

@@ -11,8 +11,9 @@ Samplers (`--sampler`):
 
 Pruner: for `quality`, the median rule on the growing-subset means (a trial is stopped when its
 mean over the first k samples is below the median of earlier trials over the same k samples);
-the first 10 trials are never pruned so there is a median to compare with. Optuna's pruners are
-single-objective, so `pareto` studies are not pruned.
+the first 5 trials are never pruned, so there is a median to compare with (kept low: an unpruned
+every-step policy costs seconds per sample). Optuna's pruners are single-objective, so `pareto`
+studies are not pruned.
 
 A study records the settings its values depend on (traces, mode, objective, budget) in its user
 attribute `kvsim`; resuming it with other settings is refused, since the old and new values would
@@ -29,7 +30,7 @@ from kvsim.search.storage import StorageChoice
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
 DIRECTIONS = {"quality": ["maximize"], "pareto": ["maximize", "minimize"]}
 STUDY_ATTR = "kvsim"
-PRUNER_STARTUP_TRIALS = 10
+PRUNER_STARTUP_TRIALS = 5
 
 
 def make_sampler(name: str, objective: str, seed: int) -> optuna.samplers.BaseSampler:
