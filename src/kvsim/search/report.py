@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
 import polars as pl  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
@@ -133,6 +134,7 @@ def _plot_layer_budgets(scored: list[Scored], evaluator: Evaluator, sample_id: s
         style = {"color": "black", "linewidth": 2.5} if entry is scored[0] else {"linewidth": 1, "alpha": 0.8}
         axes.plot(range(len(relative)), relative.tolist(), label=entry.policy.name, **style)
     axes.axhline(1.0, color="0.8", linestyle=":")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set(xlabel="layer", ylabel="layer budget / uniform")
     axes.legend(fontsize=8, ncols=2)
     return figure

@@ -30,6 +30,7 @@ from kvsim.errors import KvsimError
 from kvsim.paths import ensure_writable_dir
 from kvsim.policies import Budget
 from kvsim.search.objective import OBJECTIVES, BudgetRange, Evaluator, Objective
+from kvsim.search.space import ALLOCATION_BASE
 from kvsim.search.split import Split, split_samples
 from kvsim.search.storage import DEFAULT_HEARTBEAT_S, StorageChoice, choose_storage, retry_orphaned_trials
 from kvsim.search.study import make_sampler, open_study
@@ -94,6 +95,8 @@ def prepare(settings: SearchSettings) -> Prepared:
         raise KvsimError("--objective quality searches at one budget: give one, e.g. --budget 0.05")
     make_sampler(settings.sampler, settings.objective, settings.seed)  # rejects unknown or unfit samplers early
     traceset = TraceSet.open(settings.traces)
+    if settings.space == "allocation":
+        ALLOCATION_BASE.check_traces(traceset.n_layers, traceset.meta["window"])
     split = split_samples(traceset.manifest, settings.mode, settings.held_out, settings.seed)
     highest = settings.budget.high if isinstance(settings.budget, BudgetRange) else settings.budget
     for sample_id in split.search + split.held_out:
