@@ -56,8 +56,8 @@ class Evaluator:
 
     traceset: TraceSet
     mode: str
-    _prepared: dict[str, PreparedSample] = field(default_factory=dict)
-    _results: dict[tuple[str, str, str], SampleResult] = field(default_factory=dict)
+    _prepared: dict[str, PreparedSample] = field(default_factory=dict, init=False, repr=False)
+    _results: dict[tuple[str, str, str], SampleResult] = field(default_factory=dict, init=False, repr=False)
 
     def prepared(self, sample_id: str) -> PreparedSample:
         if sample_id not in self._prepared:

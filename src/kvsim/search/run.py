@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -75,7 +75,7 @@ class Prepared:
     traceset: TraceSet
     split: Split
     storage: StorageChoice
-    study_settings: dict = field(default_factory=dict)
+    study_settings: dict  # what a resumed study must match (see kvsim.search.study.open_study)
 
 
 def prepare(settings: SearchSettings) -> Prepared:
@@ -144,9 +144,10 @@ def _run_workers(prepared: Prepared, study: optuna.Study, on_progress: Callable[
         process = context.Process(target=_worker, args=(settings, share, index), name=f"kvsim-search-{index}")
         process.start()
         workers.append(process)
-    reported = 0
-    while any(process.is_alive() for process in workers):
+    reported, running = 0, True
+    while running:
         time.sleep(_POLL_S)
+        running = any(process.is_alive() for process in workers)
         done = len(study.get_trials(deepcopy=False, states=FINISHED)) - finished_before
         on_progress(done - reported)
         reported = done
@@ -161,7 +162,6 @@ def _run_workers(prepared: Prepared, study: optuna.Study, on_progress: Callable[
 
 def _worker(settings: SearchSettings, trials: int, index: int) -> None:
     """Entry point of a spawned worker process."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
     _optimize(prepare(settings), trials, index, lambda: None)
 
 
@@ -175,7 +175,14 @@ def _optimize(prepared: Prepared, trials: int, index: int, after_trial: Callable
     objective = Objective(
         Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget, settings.objective, settings.space
     )
-    study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial()], gc_after_trial=False)
+    # One torch thread: a replay is many small per-layer ops, where a second thread costs more in
+    # synchronization than it gains, and on a busy CPU much more; processes are the unit of parallelism.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial()], gc_after_trial=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def settings_json(settings: SearchSettings) -> dict:
