@@ -50,9 +50,20 @@ def search(
         storage=storage, workers=workers, sampler=sampler, mode=mode, seed=seed, held_out=held_out, top=top,
         heartbeat_s=heartbeat,
     )
-    with progress_bars() as progress:
-        bar = progress.add_task(f"study {study}: {trials} trials", total=trials)
-        summary = run_search(settings, lambda done: progress.advance(bar, done))
+    # The bar starts once the inputs are checked, so a bad input prints its error line alone.
+    progress, bars = progress_bars(), []
+
+    def advance(done: int) -> None:
+        if not bars:
+            progress.start()
+            bars.append(progress.add_task(f"study {study}: {trials} trials", total=trials))
+        progress.advance(bars[0], done)
+
+    try:
+        summary = run_search(settings, advance)
+    finally:
+        if bars:
+            progress.stop()
     print_top(summary)
     console.print(f"report: {out / summary['report']}\nstudy: {summary['storage']} (optuna-dashboard {summary['storage']})")
 

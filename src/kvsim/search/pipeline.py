@@ -16,12 +16,14 @@ REPORT = "report.html"
 def search(settings: SearchSettings, on_progress: Callable[[int], None] = lambda done: None) -> dict:
     """Run the study and write RUNDIR; returns the content of `search.json`.
 
-    `on_progress(n)` is called as trials finish, with how many finished since the last call.
+    `on_progress(n)` is called with 0 once the inputs are checked (before any trial), then as
+    trials finish, with how many finished since the last call.
     """
     prepared = prepare(settings)
     rundir = Path(settings.rundir)
     # Written before the first trial, so the split is on record even if the run is interrupted.
     write_search_json(rundir, search_json(prepared) | {"top": []})
+    on_progress(0)
     study = run_trials(prepared, on_progress)
     winners = top_trials(study, settings.objective, settings.top)
     evaluator = Evaluator(prepared.traceset, settings.mode)
