@@ -119,7 +119,7 @@ def _importances(study: optuna.Study, objective: str) -> str:
     names = list(importances)[:MAX_IMPORTANCES][::-1]
     figure, axes = plt.subplots(figsize=(8, 0.3 * len(names) + 1))
     axes.barh(names, [importances[name] for name in names])
-    axes.set(xlabel="importance (share of sim_score variance explained)")
+    axes.set(xlabel="importance (Optuna's default evaluator, normalized to sum 1)")
     return _figure(figure)
 
 
