@@ -8,7 +8,7 @@ from pathlib import Path
 from kvsim.search.objective import Evaluator
 from kvsim.search.outputs import score_winners_and_presets, search_json, top_trials, trials_table, write_outputs, write_search_json
 from kvsim.search.report import write_report
-from kvsim.search.run import SearchSettings, prepare, run_trials
+from kvsim.search.run import SearchSettings, one_torch_thread, prepare, run_trials
 
 REPORT = "report.html"
 
@@ -27,7 +27,8 @@ def search(settings: SearchSettings, on_progress: Callable[[int], None] = lambda
     study = run_trials(prepared, on_progress)
     winners = top_trials(study, settings.objective, settings.top)
     evaluator = Evaluator(prepared.traceset, settings.mode)
-    scored = score_winners_and_presets(prepared, study, evaluator, winners)
-    summary = write_outputs(prepared, study, scored, rundir / REPORT)
-    write_report(rundir / REPORT, summary, study, trials_table(study), scored, evaluator)
+    with one_torch_thread():
+        scored = score_winners_and_presets(prepared, study, evaluator, winners)
+        summary = write_outputs(prepared, study, scored, rundir / REPORT)
+        write_report(rundir / REPORT, summary, study, trials_table(study), scored, evaluator)
     return summary

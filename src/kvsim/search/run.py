@@ -13,12 +13,13 @@ which Python needs for CPU-bound trials (threads would share one core under the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -175,12 +176,19 @@ def _optimize(prepared: Prepared, trials: int, index: int, after_trial: Callable
     objective = Objective(
         Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget, settings.objective, settings.space
     )
-    # One torch thread: a replay is many small per-layer ops, where a second thread costs more in
-    # synchronization than it gains, and on a busy CPU much more; processes are the unit of parallelism.
+    with one_torch_thread():
+        study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial()], gc_after_trial=False)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Replays are many small per-layer ops, where a second torch thread costs more in
+    synchronization than it gains (on a busy CPU, several times more); search runs processes in
+    parallel instead. The caller's thread count is restored."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial()], gc_after_trial=False)
+        yield
     finally:
         torch.set_num_threads(threads)
 
