@@ -18,7 +18,7 @@ from search_helpers import BROAD_LAYERS, constructed_traceset, kvsim
 
 from kvsim.policies import PRESETS, Budget, load_policy_spec
 from kvsim.search import SearchSettings, search
-from kvsim.search.objective import Evaluator, checkpoints
+from kvsim.search.objective import Evaluator, Objective, checkpoints
 from kvsim.search.split import split_samples
 from kvsim.sim import simulate
 from kvsim.sim.simulate import prepare_sample, sim_score
@@ -149,3 +149,18 @@ def test_bad_input_is_one_clear_line(traces, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output and result.output.count("error:") == 1
     assert "Traceback" not in result.output
+
+
+def test_quality_search_compares_policies_at_equal_memory(traces):
+    """Quantize retention holds the budget at full precision plus every evicted token: infeasible."""
+    traceset = TraceSet.open(traces)
+    evaluator = Evaluator(traceset, "query-aware")
+    samples = [s.sample_id for s in traceset.samples("query-aware")]
+    objective = Objective(evaluator, samples, Budget(0.1))
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"family": "preset:mikv"})
+    study.enqueue_trial({"family": "preset:snapkv"})
+    study.optimize(objective, n_trials=2)
+    mikv, snapkv = study.trials
+    assert mikv.state.name == "PRUNED" and "above the" in mikv.user_attrs["infeasible"]
+    assert snapkv.state.name == "COMPLETE"

@@ -13,8 +13,13 @@ the sampler draws again costs nothing.
   itself a parameter over the given range. Optuna's pruners are single-objective, so every trial
   sees every search sample.
 
+`quality` compares policies at equal memory: a policy holding more KV bytes than a drop-only
+policy at the same budget (`BYTE_REFERENCE`, measured on the first search sample) is infeasible.
+Without this, quantize retention, which keeps every evicted token at low precision on top of the
+budgeted full-precision ones, wins by holding several times the memory.
+
 A policy the traces cannot run (an observation window longer than the captured one, a part
-refusing its inputs) is pruned with the reason in the trial's `infeasible` attribute, so the
+refusing its inputs) or over the byte limit is pruned with the reason in the trial's `infeasible` attribute, so the
 study goes on and the sampler learns to avoid it.
 """
 
@@ -29,13 +34,16 @@ from dataclasses import dataclass, field
 import optuna
 
 from kvsim.errors import KvsimError
-from kvsim.policies import Budget, Policy
+from kvsim.policies import PRESETS, Budget, Policy
 from kvsim.policies.parts import KINDS
 from kvsim.search.space import suggest_policy
 from kvsim.sim.simulate import PreparedSample, prepare_sample, sim_score
 from kvsim.traces.store import TraceSet
 
 OBJECTIVES = ("quality", "pareto")
+# The memory a budget means in quality searches: what plain dropping at that budget holds.
+BYTE_REFERENCE = PRESETS["snapkv"]
+BYTE_TOLERANCE = 1.01
 # Written on every trial so a dead worker's running trials can be found (see kvsim.search.run).
 WORKER_ATTR = "worker"
 
@@ -140,6 +148,12 @@ class Objective:
     def _score(self, trial: optuna.Trial, policy: Policy, budget: Budget) -> SampleResult:
         if self.objective == "pareto":
             return self.evaluator.mean(policy, budget, self.samples)
+        first = self.samples[:1]
+        held, allowed = self.evaluator.mean(policy, budget, first).kv_bytes, self.evaluator.mean(BYTE_REFERENCE, budget, first).kv_bytes
+        if held > BYTE_TOLERANCE * allowed:
+            raise KvsimError(
+                f"holds {held / 2**20:.2f} MiB per sample, above the {allowed / 2**20:.2f} MiB that dropping holds at budget {budget.label}"
+            )
         steps = checkpoints(len(self.samples))
         for step in steps[:-1]:
             trial.report(self.evaluator.mean(policy, budget, self.samples[:step]).sim_score, step)
