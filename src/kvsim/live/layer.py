@@ -176,6 +176,8 @@ class PolicyLayer(CacheLayerMixin):
 
     def current_view(self) -> CacheView:
         """The view over every position some head holds at full precision (`present` says which)."""
+        if bool((self.positions == self.positions[:1]).all()):  # heads share one set (no padding): read it as is
+            return self._view(self.keys[0].float(), self.values[0].float(), self.positions[0], self.colsum, torch.ones_like(self.positions, dtype=torch.bool))
         held = self.positions >= 0
         head, slot = held.nonzero(as_tuple=True)
         position = self.positions[head, slot]
@@ -195,17 +197,20 @@ class PolicyLayer(CacheLayerMixin):
         group = self.colsum.shape[0] // kv_heads
         colsum = self.colsum.new_zeros(kv_heads, group, union.numel())
         colsum[head, :, at] = self.colsum.reshape(kv_heads, group, -1)[head, :, slot]
+        return self._view(keys, values, union, colsum.reshape(-1, union.numel()), present)
+
+    def _view(self, keys, values, positions, colsum, present) -> CacheView:
         window = self.window_queries.shape[1]
         return CacheView(
             layer=self.index,
             n_layers=len(self.cache.layers),
             keys=keys,
             values=values,
-            positions=union,
+            positions=positions,
             queries=self.window_queries,
             query_positions=torch.arange(self.seen - window, self.seen, device=self.device),
             scaling=self.cache.scaling,
-            colsum=colsum.reshape(-1, union.numel()),
+            colsum=colsum,
             present=present,
         )
 
