@@ -29,7 +29,7 @@ def activate(cache: PolicyCache) -> None:
     _current.set(weakref.ref(cache))
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     reference = _current.get()
     cache = reference() if reference is not None else None

@@ -63,7 +63,7 @@ class ForwardRecorder:
         return torch.cat(self.query_rows[layer], dim=1)
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     recorder = _active.get()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if recorder is None:
