@@ -2,7 +2,7 @@
 
 import typer
 
-from kvsim.cli import capture, export, policies, simulate, traces, validate
+from kvsim.cli import capture, export, policies, search, simulate, traces, validate
 
 app = typer.Typer(
     name="kvsim",
@@ -14,6 +14,7 @@ app = typer.Typer(
 app.command(name="capture")(capture.capture)
 app.command(name="simulate")(simulate.simulate)
 app.command(name="policies")(policies.policies)
+app.command(name="search")(search.search)
 app.command(name="validate")(validate.validate_command)
 app.command(name="export")(export.export)
 app.command(name="fidelity")(validate.fidelity_command)

@@ -1,8 +1,9 @@
 """`simulate(traceset, policies, budgets)`: every policy at every budget on every sample, as tables.
 
 Per sample, the work no policy changes (loading the trace, the prefill views with their window
-attention, the continuation's full-cache attention) is done once and shared by all policies and
-budgets; only one sample's tensors are in memory at a time.
+attention, the continuation's full-cache attention) is done once (`prepare_sample`) and shared by
+all policies and budgets; only one sample's tensors are in memory at a time. Search keeps its
+`PreparedSample`s for the whole study instead, so each trial pays only for its own replay.
 
 `sim_score` is the single number search maximizes: 1 − the mean over layers of the relative
 attention-output error (clipped at 1), i.e. the share of the attention output the compressed
@@ -19,7 +20,8 @@ import polars as pl
 
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
-from kvsim.sim.continuation import continuation_attention, prefill_view
+from kvsim.policies.view import CacheView
+from kvsim.sim.continuation import ContinuationAttention, continuation_attention, prefill_view
 from kvsim.sim.oracle import oracle_keeps
 from kvsim.sim.replay import LayerOutcome, replay, replay_selection
 from kvsim.traces.store import TraceSample, TraceSet
@@ -55,20 +57,48 @@ def simulate(
     return Simulation(layers, summarize(layers, traceset))
 
 
-def simulate_sample(
-    traceset: TraceSet, sample: TraceSample, policies: Sequence[Policy], budgets: Iterable[Budget], oracle: bool
-) -> list[dict]:
+@dataclass
+class PreparedSample:
+    """One sample's policy-independent work: per layer, the prefill view and the full-cache
+    attention of the continuation. Replaying any policy at any budget reads only these."""
+
+    sample: TraceSample
+    views: list[CacheView]
+    fulls: list[ContinuationAttention]
+
+    def replay(self, policy: Policy, budget: Budget) -> list[LayerOutcome]:
+        budget.per_head(self.sample.prompt_len)  # a budget above the prompt is an error, not a silent cap
+        return replay(policy, budget, self.views, self.fulls)
+
+    def replay_oracle(self, budget: Budget) -> list[LayerOutcome]:
+        budget.per_head(self.sample.prompt_len)
+        return replay_selection(oracle_keeps(self.fulls, budget), self.views, self.fulls)
+
+
+def prepare_sample(traceset: TraceSet, sample: TraceSample) -> PreparedSample:
     n_layers, window = traceset.n_layers, traceset.meta["window"]
     views = [prefill_view(sample, layer, n_layers, window) for layer in range(n_layers)]
     fulls = [continuation_attention(sample, layer, window) for layer in range(n_layers)]
+    return PreparedSample(sample, views, fulls)
+
+
+def simulate_sample(
+    traceset: TraceSet, sample: TraceSample, policies: Sequence[Policy], budgets: Iterable[Budget], oracle: bool
+) -> list[dict]:
+    prepared = prepare_sample(traceset, sample)
     rows = []
     for budget in budgets:
-        budget.per_head(sample.prompt_len)  # a budget above the prompt is an error, not a silent cap
         for policy in policies:
-            rows += _rows(sample, policy.name, budget, replay(policy, budget, views, fulls))
+            rows += _rows(sample, policy.name, budget, prepared.replay(policy, budget))
         if oracle:
-            rows += _rows(sample, ORACLE, budget, replay_selection(oracle_keeps(fulls, budget), views, fulls))
+            rows += _rows(sample, ORACLE, budget, prepared.replay_oracle(budget))
     return rows
+
+
+def sim_score(outcomes: Sequence[LayerOutcome]) -> float:
+    """One sample's sim_score from its layer outcomes: the number `summarize` puts in its table
+    (1 − mean over layers of min(out_err, 1)), without building tables (search calls this per trial)."""
+    return sum(1.0 - min(outcome.metrics.means()["out_err"], 1.0) for outcome in outcomes) / len(outcomes)
 
 
 LAYER_SCHEMA = {

@@ -1,0 +1,191 @@
+"""`run_search`: one `kvsim search` run, from the TraceSet to the files in RUNDIR.
+
+The run checks everything a trial would trip on before the first trial (the traces, the mode, the
+budget against every sample's prompt, the storage), records the split in `search.json`, then runs
+its trials in this process (`--workers 1`) or in K spawned worker processes sharing the study.
+`--trials N` adds N trials to the study, split across the workers, so a re-run resumes rather
+than starts over, and several runs against one PostgreSQL study each add their own N.
+
+Every worker prepares the search samples it touches once and keeps them (about 50 MB per
+1.5K-token sample of the bundled model), so K workers hold K copies: the price of processes,
+which Python needs for CPU-bound trials (threads would share one core under the GIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from kvsim.errors import KvsimError
+from kvsim.paths import ensure_writable_dir
+from kvsim.policies import Budget
+from kvsim.search.objective import OBJECTIVES, BudgetRange, Evaluator, Objective
+from kvsim.search.space import ALLOCATION_BASE
+from kvsim.search.split import Split, split_samples
+from kvsim.search.storage import DEFAULT_HEARTBEAT_S, StorageChoice, choose_storage, retry_orphaned_trials
+from kvsim.search.study import make_sampler, open_study
+from kvsim.traces.store import MODES, TraceSet
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    traces: Path
+    budget: Budget | BudgetRange
+    rundir: Path
+    study: str = "kvsim"
+    trials: int = 100
+    objective: str = "quality"
+    storage: str | None = None
+    workers: int = 1
+    sampler: str = "tpe"
+    mode: str = "query-aware"
+    seed: int = 0
+    held_out: float = 0.25
+    top: int = 3
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S
+
+    @property
+    def space(self) -> str:
+        return "allocation" if self.sampler == "cmaes" else "full"
+
+    def budget_value(self) -> float | int | list:
+        if isinstance(self.budget, BudgetRange):
+            return [self.budget.low.value, self.budget.high.value]
+        return self.budget.value
+
+
+@dataclass
+class Prepared:
+    """What a run checked once and every worker shares."""
+
+    settings: SearchSettings
+    traceset: TraceSet
+    split: Split
+    storage: StorageChoice
+    study_settings: dict  # what a resumed study must match (see kvsim.search.study.open_study)
+
+
+def prepare(settings: SearchSettings) -> Prepared:
+    """Check the inputs and choose the storage; raises KvsimError with the fix before any trial."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is shown by the caller, not a log line per trial
+    # Heartbeats, their retry callback and `group` are marked experimental; a warning per use buries the progress bar.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if settings.objective not in OBJECTIVES:
+        raise KvsimError(f"unknown objective {settings.objective!r}: choose {' or '.join(OBJECTIVES)}")
+    if settings.mode not in MODES:
+        raise KvsimError(f"unknown mode {settings.mode!r}: choose {' or '.join(MODES)}")
+    if settings.trials < 1 or settings.workers < 1 or settings.top < 1:
+        raise KvsimError("--trials, --workers and --top must be at least 1")
+    if settings.objective == "pareto" and not isinstance(settings.budget, BudgetRange):
+        raise KvsimError("--objective pareto explores a budget range: give two budgets, e.g. --budget 0.02,0.2")
+    if settings.objective == "quality" and isinstance(settings.budget, BudgetRange):
+        raise KvsimError("--objective quality searches at one budget: give one, e.g. --budget 0.05")
+    make_sampler(settings.sampler, settings.objective, settings.seed)  # rejects unknown or unfit samplers early
+    traceset = TraceSet.open(settings.traces)
+    if settings.space == "allocation":
+        ALLOCATION_BASE.check_traces(traceset.n_layers, traceset.meta["window"])
+    split = split_samples(traceset.manifest, settings.mode, settings.held_out, settings.seed)
+    highest = settings.budget.high if isinstance(settings.budget, BudgetRange) else settings.budget
+    for sample_id in split.search + split.held_out:
+        highest.per_head(traceset.sample(sample_id, settings.mode).prompt_len)
+    ensure_writable_dir(settings.rundir, "run folder")
+    storage = choose_storage(settings.storage, settings.rundir, settings.workers, settings.heartbeat_s)
+    study_settings = {
+        "traces": traces_fingerprint(traceset),
+        "mode": settings.mode,
+        "objective": settings.objective,
+        "budget": settings.budget_value(),
+        "space": settings.space,
+        "split_seed": settings.seed,
+        "held_out": settings.held_out,
+    }
+    return Prepared(settings, traceset, split, storage, study_settings)
+
+
+def traces_fingerprint(traceset: TraceSet) -> str:
+    """Identifies the traces by content, so workers on other machines may keep them at other paths."""
+    digests = sorted(traceset.manifest["sha256"].to_list())
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+def run_trials(prepared: Prepared, on_progress: Callable[[int], None] = lambda done: None) -> optuna.Study:
+    """Add `trials` trials to the study with `workers` processes; returns the study (reloaded)."""
+    settings = prepared.settings
+    study = open_study(prepared.storage, settings.study, prepared.study_settings)
+    if prepared.storage.embedded:
+        retry_orphaned_trials(study)
+    if settings.workers == 1:
+        _optimize(prepared, settings.trials, 0, lambda: on_progress(1))
+    else:
+        _run_workers(prepared, study, on_progress)
+    return open_study(prepared.storage, settings.study, prepared.study_settings)
+
+
+def _run_workers(prepared: Prepared, study: optuna.Study, on_progress: Callable[[int], None]) -> None:
+    settings = prepared.settings
+    finished_before = len(study.get_trials(deepcopy=False, states=FINISHED))
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or DB connections
+    workers = []
+    for index in range(settings.workers):
+        share = settings.trials // settings.workers + (index < settings.trials % settings.workers)
+        process = context.Process(target=_worker, args=(settings, share, index), name=f"kvsim-search-{index}")
+        process.start()
+        workers.append(process)
+    reported, running = 0, True
+    while running:
+        time.sleep(_POLL_S)
+        running = any(process.is_alive() for process in workers)
+        done = len(study.get_trials(deepcopy=False, states=FINISHED)) - finished_before
+        on_progress(done - reported)
+        reported = done
+    dead = [f"{p.name} (exit code {p.exitcode})" for p in workers if p.exitcode != 0]
+    if dead:
+        requeued = retry_orphaned_trials(study) if prepared.storage.embedded else []
+        raise KvsimError(
+            f"worker(s) {', '.join(dead)} stopped early; {len(requeued)} running trial(s) were queued again: "
+            "re-run the same command to resume the study"
+        )
+
+
+def _worker(settings: SearchSettings, trials: int, index: int) -> None:
+    """Entry point of a spawned worker process."""
+    _optimize(prepare(settings), trials, index, lambda: None)
+
+
+def _optimize(prepared: Prepared, trials: int, index: int, after_trial: Callable[[], None]) -> None:
+    settings = prepared.settings
+    study = open_study(prepared.storage, settings.study, prepared.study_settings)
+    # Distinct seeds per worker and per run, or parallel and resumed workers redraw the same points;
+    # processes on other machines also differ by pid.
+    seed = settings.seed + index + len(study.trials) + (0 if prepared.storage.embedded else os.getpid())
+    study.sampler = make_sampler(settings.sampler, settings.objective, seed)
+    objective = Objective(
+        Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget, settings.objective, settings.space
+    )
+    # One torch thread: a replay is many small per-layer ops, where a second thread costs more in
+    # synchronization than it gains, and on a busy CPU much more; processes are the unit of parallelism.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial()], gc_after_trial=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def settings_json(settings: SearchSettings) -> dict:
+    data = asdict(replace(settings, budget=None))
+    data.update(traces=str(Path(settings.traces).resolve()), rundir=str(Path(settings.rundir).resolve()), budget=settings.budget_value())
+    return data
