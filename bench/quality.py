@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import random
@@ -55,8 +56,10 @@ from machine import machine_info  # bench/machine.py (the script's folder is on 
 from kvsim.live.runner import LiveSample, fidelity
 from kvsim.live.validate import check_model_matches, select_samples
 from kvsim.policies import PRESETS, Budget
-from kvsim.policies.policy import Policy, load_policy_spec
-from kvsim.search import SearchSettings, search
+from kvsim.policies.policy import Policy
+from kvsim.search import SearchSettings
+from kvsim.search.outputs import top_trials, trial_policy
+from kvsim.search.run import prepare, run_trials
 from kvsim.traces.capture import CaptureSettings, capture_traceset
 from kvsim.traces.models import DEFAULT_MODEL, LoadedModel, eos_token_ids, load_model
 from kvsim.traces.store import TraceSample, TraceSet
@@ -72,7 +75,7 @@ KVPRESS_PRESSES = ("snapkv", "pyramidkv", "knorm", "streaming_llm", "tova", "exp
 # Traces and searches (cached under --workdir)
 
 
-def capture(loaded: LoadedModel, spec: str, n: int, seed: int, out: Path, args) -> TraceSet:
+def capture(loaded: LoadedModel, spec: str, n: int, seed: int, out: Path, args, notes: list[str]) -> TraceSet:
     """The TraceSet of `n` samples of `spec` in both modes (resumed when `out` already holds it)."""
     count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     haystack = Haystack.default()
@@ -80,24 +83,46 @@ def capture(loaded: LoadedModel, spec: str, n: int, seed: int, out: Path, args) 
     # The same workload record as `kvsim capture`, so a CLI capture into the same folder is resumed too.
     workload = {"spec": spec, "seed": seed, "context_tokens": args.context_tokens, "haystack": haystack.source, "haystack_sha256": haystack.sha256}
     settings = CaptureSettings(max_new_tokens=args.max_new_tokens, modes=("query-aware", "query-agnostic"))
-    report = lambda event, sample: event == "captured" and log(f"captured {spec} {sample.sample_id}")  # noqa: E731
-    return capture_traceset(loaded, samples, out, settings, workload, report)
+    reused = []
+
+    def report(event: str, sample) -> None:
+        if event == "captured":
+            log(f"captured {spec} {sample.sample_id}")
+        elif event == "skipped":
+            reused.append(sample.sample_id)
+
+    traceset = capture_traceset(loaded, samples, out, settings, workload, report)
+    if reused:
+        notes.append(f"{len(reused)} of {n} samples of {spec} (seed {seed}) were already captured in {out} and reused: their capture time is not in the wall time")
+    return traceset
 
 
-def searched_winner(traces: Path, mode: str, budget: float, args) -> tuple[Policy, dict]:
-    """The best policy of a simulator search at `budget` in `mode`, renamed `searched`."""
+def searched_winner(traces: Path, mode: str, budget: float, args, notes: list[str]) -> tuple[Policy, dict]:
+    """The best policy of a simulator search at `budget` in `mode`, renamed `searched`.
+
+    Runs the trials of `kvsim search` (`prepare`, `run_trials`, `top_trials`) but not its report:
+    the report re-simulates every preset on the search's held-out samples, minutes per budget on
+    this CPU, and this bench measures the presets live instead. The winner is kept in RUNDIR/winner.json.
+    """
     rundir = Path(args.workdir) / f"search-{mode}-{budget:g}-t{args.trials}"
-    summary_path = rundir / "search.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if not summary.get("top"):
+    saved = rundir / "winner.json"
+    if saved.exists():
+        notes.append(f"search {rundir.name} was already complete and reused: its time is not in the wall time")
+        info = json.loads(saved.read_text())
+    else:
         shutil.rmtree(rundir, ignore_errors=True)  # an interrupted run: start its study over
         started = time.perf_counter()
-        summary = search(SearchSettings(traces=traces, budget=Budget(budget), rundir=rundir, trials=args.trials, study=f"quality-{mode}-{budget:g}", mode=mode))
-        log(f"searched {mode} at {budget:g}: {args.trials} trials in {time.perf_counter() - started:.0f} s")
+        settings = SearchSettings(traces=traces, budget=Budget(budget), rundir=rundir, trials=args.trials, study=f"quality-{mode}-{budget:g}", mode=mode, held_out=0.0)
+        prepared = prepare(settings)
+        study = run_trials(prepared)
+        best_trial = top_trials(study, settings.objective, 1)[0]
+        states = [trial.state.name for trial in study.trials]
+        info = {"rundir": str(rundir), "spec": trial_policy(best_trial).to_spec(), "sim_score": best_trial.values[0],
+                "trials": {state: states.count(state) for state in sorted(set(states))}, "search_samples": prepared.split.search}
+        saved.write_text(json.dumps(info, indent=2) + "\n")
+        log(f"searched {mode} at {budget:g}: {args.trials} trials in {time.perf_counter() - started:.0f} s, sim_score {info['sim_score']:.3f}")
         torch.set_num_threads(args.threads)  # the search sets one thread per process
-    best = summary["top"][0]
-    policy = load_policy_spec(rundir / best["spec"])
-    return replace(policy, name=SEARCHED), {"rundir": str(rundir), "spec": policy.to_spec(), "sim_score": best["sim_score"], "trials": summary["trials"]}
+    return replace(Policy.from_spec(info["spec"]), name=SEARCHED), info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,24 +422,19 @@ def main() -> None:
 
     loaded = load_model(DEFAULT_MODEL)
     work = Path(args.workdir)
-    search_traces = capture(loaded, args.search_workload, args.search_samples, args.search_seed, work / f"search-{args.search_workload}-s{args.search_seed}", args)
-    heldout = capture(loaded, args.heldout_workload, args.heldout_samples, args.heldout_seed, work / f"heldout-{args.heldout_workload}-s{args.heldout_seed}", args)
+    search_traces = capture(loaded, args.search_workload, args.search_samples, args.search_seed, work / f"search-{args.search_workload}-s{args.search_seed}", args, notes)
+    heldout = capture(loaded, args.heldout_workload, args.heldout_samples, args.heldout_seed, work / f"heldout-{args.heldout_workload}-s{args.heldout_seed}", args, notes)
     check_model_matches(loaded, heldout)
     log(f"traces ready ({time.perf_counter() - started:.0f} s)")
 
     winners, winner_info = {}, {}
     for mode in modes:
         for budget in budgets:
-            winners[(mode, budget)], winner_info[f"{mode} @ {budget:g}"] = searched_winner(search_traces.root, mode, budget, args)
+            winners[(mode, budget)], winner_info[f"{mode} @ {budget:g}"] = searched_winner(search_traces.root, mode, budget, args, notes)
     log(f"searches ready ({time.perf_counter() - started:.0f} s)")
 
-    press_names = names(args.kvpress_presses) if "query-agnostic" in modes else []
-    try:
-        import kvpress  # noqa: F401
-    except ImportError:
-        press_names = []
-        notes.append("kvpress is not installed here: no kvpress rows")
     rows: list[dict] = []
+    pressed: list[TraceSample] = []
     for mode in modes:
         for sample in select_samples(heldout, mode, args.heldout_samples):
             if args.deadline_min is not None and time.perf_counter() - started > 60 * args.deadline_min:
@@ -423,18 +443,26 @@ def main() -> None:
                 continue
             rows += live_rows(loaded, heldout, sample, presets, winners, budgets)
             log(f"{mode} {sample.sample_id}: kvsim policies done ({time.perf_counter() - started:.0f} s)")
-            if mode != "query-agnostic":
-                continue
-            for budget in budgets:
-                for name in press_names:
-                    try:
-                        rows.append(kvpress_row(loaded, heldout, sample, name, kvpress_press(name, budget, 32), budget))
-                    except Exception as err:  # a press that fails on this model/transformers is reported, not fatal
-                        note = f"kvpress {name} at {budget:g} failed: {type(err).__name__}: {err}"
-                        if note not in notes:
-                            notes.append(note)
-                            log(note)
-            log(f"{mode} {sample.sample_id}: kvpress done ({time.perf_counter() - started:.0f} s)")
+            if mode == "query-agnostic":
+                pressed.append(sample)
+
+    # kvpress patches transformers' attention functions when imported, and its wrapper passes `dropout`
+    # positionally where kvsim_live takes `scaling`: so it is imported only after every kvsim run.
+    press_names = names(args.kvpress_presses)
+    if press_names and pressed and importlib.util.find_spec("kvpress") is None:
+        notes.append("kvpress is not installed here: no kvpress rows")
+        press_names = []
+    for sample in pressed if press_names else []:
+        for budget in budgets:
+            for name in press_names:
+                try:
+                    rows.append(kvpress_row(loaded, heldout, sample, name, kvpress_press(name, budget, 32), budget))
+                except Exception as err:  # a press that fails on this model/transformers is reported, not fatal
+                    note = f"kvpress {name} at {budget:g} failed: {type(err).__name__}: {err}"
+                    if note not in notes:
+                        notes.append(note)
+                        log(note)
+        log(f"query-agnostic {sample.sample_id}: kvpress done ({time.perf_counter() - started:.0f} s)")
 
     summary = summarize(rows, modes, budgets, args.bootstrap)
     result = {
