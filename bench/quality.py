@@ -18,19 +18,31 @@ KL): "yes"/"no" when the two intervals are disjoint, "within CI" when they overl
 bootstrap interval of the difference (same samples) is given beside it. Query-agnostic rows also
 compare the winner with the best kvpress press.
 
-Cost: every live run is a decode on a ~1.5K-token prompt of the bundled model (about 0.3 s per token
-on a quiet 2-core CPU; every-step presets feed their continuation one token at a time). Captured
-traces and finished searches are kept under --workdir and reused by a re-run.
+Cost, measured on this 2-core machine under a load average of 5-6 (other sessions running): one
+live run of a prefill-once policy takes 20-40 s (a ~1.5K-token prompt of the bundled model, the
+teacher-forced continuation for fidelity, then a greedy answer of up to --max-new-tokens); an
+every-step policy (streaming_llm, h2o, tova, d2o; lazy every 16) feeds the question and the
+continuation one token at a time and took up to ~6 min in query-agnostic mode; a kvpress press
+re-runs the context prefill, ~45-80 s. So every preset at 4 budgets in both modes is an estimated
+2-3 hours per held-out sample under that load: the 45-minute target is met only by cutting presets, budgets or samples,
+and --deadline-min makes any configuration stop starting samples in time (a sample in flight
+finishes; the results say which samples were skipped). Captured traces and finished searches are
+kept under --workdir and reused by a re-run (the results note what was reused).
 
-Full run (4 budgets, both modes, every preset, kvpress; about 45 min on this 2-core machine when it
-is quiet — scale --heldout-samples to the time you have, the script prints its progress with times):
+Full run as specified (every preset, 4 budgets, both modes, kvpress). Not run yet: under the load
+measured above even its first sample exceeds 45 min (the deadline only stops further samples), so it
+needs a quiet or larger machine, or --presets without the every-step ones:
 
     PYTHONPATH=src .venv/bin/python bench/quality.py --label full \
         --budgets 0.02,0.05,0.1,0.2 --modes query-aware,query-agnostic \
-        --search-samples 12 --trials 60 --heldout-samples 4
+        --search-samples 12 --trials 60 --heldout-samples 8 --deadline-min 30
 
-Smoke run (a few minutes): --label smoke --budgets 0.1 --modes query-agnostic --search-samples 3
---trials 4 --heldout-samples 1 --presets snapkv,knorm --kvpress-presses snapkv.
+The reduced run committed in bench/results/ (≤ 15 min here; its exact command is in quality.md):
+
+    PYTHONPATH=src .venv/bin/python bench/quality.py --label reduced --modes query-agnostic \
+        --budgets 0.05,0.2 --search-samples 6 --trials 8 --heldout-samples 2 \
+        --presets snapkv,adakv,knorm --kvpress-presses snapkv,knorm --deadline-min 6
+
 Results: bench/results/quality.md, quality.json and quality.png (the --label is written into them).
 """
 
