@@ -343,7 +343,9 @@ def write_markdown(path: Path, result: dict) -> None:
                          f"{st['kl']:.3f} | {st['top1']:.2f} | {st['kv_mib']:.2f} |")
     lines += ["", "## Searched winners", ""]
     for key, w in result["winners"].items():
-        lines.append(f"- {key}: sim_score {w['sim_score']}, trials {w['trials']}, spec `{json.dumps(w['spec'], separators=(',', ':'))}`")
+        same = [name for name, preset in PRESETS.items() if {**preset.to_spec(), "name": None} == {**w["spec"], "name": None}]
+        twin = f" — the same policy as preset `{same[0]}`" if same else ""
+        lines.append(f"- {key}: sim_score {w['sim_score']:.3f}, trials {w['trials']}{twin}, spec `{json.dumps(w['spec'], separators=(',', ':'))}`")
     if result["notes"]:
         lines += ["", "## Notes", "", *(f"- {note}" for note in result["notes"])]
     path.write_text("\n".join(lines) + "\n")
@@ -374,12 +376,15 @@ def plot(path: Path, result: dict) -> None:
             axes[1][col].plot(budgets, [s["kl"] for s in series], **style)
         axes[0][col].set_title(f"{mode}: task score (95 % CI shaded for bold lines)")
         axes[1][col].set_title(f"{mode}: KL to the full cache (nats)")
+        budgets = result["settings"]["budgets"]
         for row_axes in axes:
             row_axes[col].set_xscale("log")
+            row_axes[col].set_xticks(budgets, [f"{b:g}" for b in budgets])
+            row_axes[col].minorticks_off()
             row_axes[col].set_xlabel("budget (fraction of the prompt)")
-        axes[1][col].set_yscale("symlog", linthresh=0.01)
+        axes[1][col].set_ylim(bottom=0)
         axes[0][col].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"kvsim quality bench ({result['settings']['label']} run): searched winner vs presets on a held-out workload")
+    fig.suptitle(f"kvsim quality ({result['settings']['label']} run): searched winner vs presets, held-out workload", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
