@@ -39,9 +39,9 @@ needs a quiet or larger machine, or --presets without the every-step ones:
 
 The reduced run committed in bench/results/ (≤ 15 min here; its exact command is in quality.md):
 
-    PYTHONPATH=src .venv/bin/python bench/quality.py --label reduced --modes query-agnostic \
-        --budgets 0.05,0.2 --search-samples 6 --trials 8 --heldout-samples 2 \
-        --presets snapkv,adakv,knorm --kvpress-presses snapkv,knorm --deadline-min 6
+    PYTHONPATH=src .venv/bin/python bench/quality.py --label reduced --modes query-aware,query-agnostic \
+        --budgets 0.05,0.2 --search-samples 6 --trials 8 --heldout-samples 3 \
+        --presets snapkv,pyramidkv,adakv,knorm --kvpress-presses snapkv,knorm --deadline-min 8
 
 Results: bench/results/quality.md, quality.json and quality.png (the --label is written into them).
 """
