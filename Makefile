@@ -23,7 +23,7 @@ DEMO ?= runs/demo
 KVSIM := $(VENV)/bin/kvsim
 demo: setup
 	$(KVSIM) capture --samples 8 --mode query-aware --out $(DEMO)/traces
-	$(KVSIM) search --traces $(DEMO)/traces --budget 0.1 --trials 200 --workers 2 --study demo --out $(DEMO)
+	$(KVSIM) search --traces $(DEMO)/traces --budget 0.2 --trials 200 --workers 2 --study demo --out $(DEMO)
 	$(KVSIM) validate --run $(DEMO) --top 3 --policy full,snapkv,adakv,pyramidkv,cake
 	$(KVSIM) export --run $(DEMO) --kvpress --out $(DEMO)/winner.json
 
