@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -54,3 +55,13 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
     except OSError as err:
         raise KvsimError(f"{what} {path} is not writable ({err.strerror}): pass a folder you can write to") from err
     return path
+
+
+def read_json(path: Path, what: str, fix: str):
+    """Parse a JSON file, or raise one KvsimError line naming `what` it was and how to `fix` it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as err:
+        raise KvsimError(f"cannot read {what} {path}: {err.strerror}") from err
+    except json.JSONDecodeError as err:
+        raise KvsimError(f"{what} {path} is not valid JSON (line {err.lineno}): {fix}") from err

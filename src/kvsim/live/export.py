@@ -23,7 +23,7 @@ from typing import Any
 
 import kvsim
 from kvsim.errors import KvsimError
-from kvsim.paths import write_atomically
+from kvsim.paths import read_json, write_atomically
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
 
@@ -90,12 +90,7 @@ class ExportedPolicy:
     @classmethod
     def read(cls, path: str | Path) -> ExportedPolicy:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as err:
-            raise KvsimError(f"cannot read exported policy {path}: {err.strerror}") from err
-        except json.JSONDecodeError as err:
-            raise KvsimError(f"exported policy {path} is not valid JSON (line {err.lineno}): re-export it") from err
+        data = read_json(path, "exported policy", "re-export it")
         if not isinstance(data, dict) or data.get("kvsim_export") != EXPORT_VERSION:
             raise KvsimError(f"{path} is not a kvsim export (version {EXPORT_VERSION}): write one with `kvsim export`")
         try:

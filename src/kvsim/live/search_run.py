@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from dataclasses import dataclass, replace
 from io import BytesIO
@@ -23,7 +22,7 @@ import polars as pl  # noqa: E402
 
 from kvsim.errors import KvsimError  # noqa: E402
 from kvsim.live.validate import summarize_validation  # noqa: E402
-from kvsim.paths import write_atomically  # noqa: E402
+from kvsim.paths import read_json, write_atomically  # noqa: E402
 from kvsim.policies.budget import Budget  # noqa: E402
 from kvsim.policies.policy import Policy, load_policy_spec  # noqa: E402
 
@@ -43,12 +42,9 @@ class SearchRun:
 
 def read_search_run(rundir: Path, top: int) -> SearchRun:
     path = rundir / "search.json"
-    try:
-        summary = json.loads(path.read_text())
-    except OSError as err:
-        raise KvsimError(f"{rundir} is not a search run ({path.name}: {err.strerror}): run `kvsim search --out {rundir}` first") from err
-    except json.JSONDecodeError as err:
-        raise KvsimError(f"{path} is not valid JSON (line {err.lineno}): re-run the search") from err
+    if not path.is_file():
+        raise KvsimError(f"{rundir} is not a search run (no {path.name}): run `kvsim search --out {rundir}` first")
+    summary = read_json(path, "search summary", "re-run the search")
     entries = summary.get("top") or []
     if not entries:
         raise KvsimError(f"{path} lists no finished trials: let the search complete some trials first")

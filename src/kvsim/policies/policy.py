@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvsim.errors import KvsimError
+from kvsim.paths import read_json
 from kvsim.policies.allocators.base import Allocator
 from kvsim.policies.parts import KINDS, part_from_spec
 from kvsim.policies.retention import Drop, Retention
@@ -66,11 +66,5 @@ class Policy:
 
 
 def load_policy_spec(path: str | Path) -> Policy:
-    path = Path(path)
-    try:
-        spec = json.loads(path.read_text())
-    except OSError as err:
-        raise KvsimError(f"cannot read policy spec {path}: {err.strerror}") from err
-    except json.JSONDecodeError as err:
-        raise KvsimError(f"policy spec {path} is not valid JSON (line {err.lineno}): fix the file") from err
+    spec = read_json(Path(path), "policy spec", "fix the file")
     return Policy.from_spec(spec.get("policy", spec) if isinstance(spec, dict) else spec)
