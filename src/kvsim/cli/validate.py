@@ -65,19 +65,22 @@ def validate_command(
         chosen = select_samples(traceset, mode, samples)
     ensure_writable_dir(out, "output folder")
     loaded = load_model(model or traceset.meta["model"]["id"])
-    table = run_with_progress(loaded, traceset, pairs, chosen)
     path = out / VALIDATION_FILE
-    write_atomically(path, table.write_parquet)
+    table = run_with_progress(loaded, traceset, pairs, chosen, path)
     print_validation(table)
     console.print(f"validation table: {path}")
     if run is not None:
         console.print(f"report: {add_to_report(run, table)}")
 
 
-def run_with_progress(loaded, traceset, pairs, samples) -> pl.DataFrame:
+def run_with_progress(loaded, traceset, pairs, samples, partial: Path) -> pl.DataFrame:
+    """Live runs with a progress bar; the table so far is written to `partial` after every sample."""
     with progress_bars() as progress:
         bar = progress.add_task(f"live runs of {len(pairs)} (policy, budget) pairs", total=len(samples) * len(pairs))
-        return validate(loaded, traceset, pairs, samples, on_run=lambda: progress.advance(bar))
+        return validate(
+            loaded, traceset, pairs, samples, on_run=lambda: progress.advance(bar),
+            on_sample=lambda table: write_atomically(partial, table.write_parquet),
+        )
 
 
 def print_validation(table: pl.DataFrame) -> None:
@@ -117,7 +120,7 @@ def fidelity_command(
     chosen = select_samples(traceset, mode, samples)
     ensure_writable_dir(out, "output folder")
     loaded = load_model(model or traceset.meta["model"]["id"])
-    table = run_with_progress(loaded, traceset, list(itertools.product(policies, budgets)), chosen)
+    table = run_with_progress(loaded, traceset, list(itertools.product(policies, budgets)), chosen, out / "fidelity.parquet")
     paths = write_fidelity_report(table, out)
     found = correlations(table).filter(pl.col("level") == "pairs")
     view = Table("simulated", "live", "pairs", "Spearman", "Kendall")

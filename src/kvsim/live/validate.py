@@ -45,8 +45,12 @@ def validate(
     pairs: Sequence[tuple[Policy, Budget]],
     samples: Sequence[TraceSample],
     on_run: Callable[[], None] = lambda: None,
+    on_sample: Callable[[pl.DataFrame], None] = lambda table: None,
 ) -> pl.DataFrame:
-    """Every (policy, budget) pair live on every sample; policy names label the rows, so make them distinct."""
+    """Every (policy, budget) pair live on every sample; policy names label the rows, so make them distinct.
+
+    `on_sample` gets the table so far after each sample, so a long run can be saved as it goes.
+    """
     check_model_matches(loaded, traceset)
     for policy, _ in pairs:
         policy.check_traces(traceset.n_layers, traceset.meta["window"])
@@ -70,6 +74,7 @@ def validate(
                 }
             )
             on_run()
+        on_sample(pl.DataFrame(rows))
     return pl.DataFrame(rows)
 
 
