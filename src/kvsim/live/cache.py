@@ -52,9 +52,7 @@ class PolicyCache(Cache):
         # One query is kept even when the policy reads none, so stepwise rescoring views have a position.
         self.window = window or max(policy.observation_window if policy else 0, 1)
         self.decided = False
-        self.compressed = False
-        self.budgets: torch.Tensor | None = None  # [n_layers, kv_heads] tokens per head after the prefill
-        self.prompt_len = 0
+        self.budgets: torch.Tensor | None = None  # [n_layers, kv_heads] tokens per head, once compressed
         self.scaling = 1.0
 
     @classmethod
@@ -90,7 +88,7 @@ class PolicyCache(Cache):
         if self.policy is None:
             return
         views = [layer.prefill_view for layer in self.layers]
-        self.prompt_len = prompt = views[0].length
+        prompt = views[0].length
         self.scaling = views[0].scaling
         self.decided = True
         if not self._compressible(prompt):
@@ -100,7 +98,11 @@ class PolicyCache(Cache):
         keeps, self.budgets = compress_prefill(self.policy, views, self.budget, prompt)
         for layer, view, keep in zip(self.layers, views, keeps):
             layer.shrink(view, keep, ~keep)
-        self.compressed = True
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the prefill decision shrank the cache (short prompts stay whole)."""
+        return self.budgets is not None
 
     def _compressible(self, prompt: int) -> bool:
         """Prompts no longer than the budget, or shorter than the policy's observation window, stay whole."""

@@ -25,12 +25,6 @@ class PackedTokens:
     dim: int
 
     @classmethod
-    def empty(cls, kv_heads: int, dim: int, bits: int, dtype: torch.dtype) -> PackedTokens:
-        codes = torch.zeros(kv_heads, 0, _packed_dim(dim, bits), dtype=torch.uint8)
-        side = torch.zeros(kv_heads, 0, 1, dtype=dtype)
-        return cls(codes, side, side.clone(), bits, dim)
-
-    @classmethod
     def pack(cls, x: torch.Tensor, bits: int) -> PackedTokens:
         codes, scale, zero = quantize(x.float(), bits)
         return cls(_pack(codes, bits), scale.to(x.dtype), zero.to(x.dtype), bits, x.shape[-1])
