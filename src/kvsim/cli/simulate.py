@@ -9,17 +9,21 @@ import typer
 from rich.table import Table
 
 from kvsim.cli.common import console, progress_bars, reports_errors
-from kvsim.errors import KvsimError
 from kvsim.paths import ensure_writable_dir, write_atomically
-from kvsim.policies import PRESETS, Budget, resolve_policy
+from kvsim.policies import PRESETS, Budget, Policy, resolve_policy
 from kvsim.sim import simulate as run_simulation
 from kvsim.sim.report import leaderboard, write_report
-from kvsim.traces.store import MODES, TraceSet
+from kvsim.traces.store import MODES, TraceSet, check_mode
 
 
 def split_values(values: list[str]) -> list[str]:
     """Options may be repeated or comma-separated: `--budget 0.05,0.1 --budget 0.2`."""
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def policies_from_options(values: list[str]) -> list[Policy]:
+    """`--policy` values: preset names, spec files, and 'all' for every preset."""
+    return [resolve_policy(name) for item in split_values(values) for name in (PRESETS if item == "all" else [item])]
 
 
 @reports_errors
@@ -40,12 +44,10 @@ def simulate(
 
     Example: [bold]kvsim simulate --traces traces/smol --policy snapkv,h2o --budget 0.05,0.1 --out sim.parquet[/]
     """
-    if mode is not None and mode not in MODES:
-        raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
+    if mode is not None:
+        check_mode(mode)
     traceset = TraceSet.open(traces)
-    names = split_values(policy)
-    names = [name for item in names for name in (PRESETS if item == "all" else [item])]
-    policies = [resolve_policy(name) for name in names]
+    policies = policies_from_options(policy)
     budgets = [Budget.parse(value) for value in split_values(budget)]
     ensure_writable_dir(out.parent, "output folder")
     samples = traceset.manifest.height if mode is None else traceset.manifest.filter(pl.col("mode") == mode).height

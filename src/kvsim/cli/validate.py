@@ -10,15 +10,15 @@ import typer
 from rich.table import Table
 
 from kvsim.cli.common import console, human_bytes, progress_bars, reports_errors
-from kvsim.cli.simulate import split_values
+from kvsim.cli.simulate import policies_from_options, split_values
 from kvsim.errors import KvsimError
 from kvsim.live.fidelity import correlations, write_fidelity_report
 from kvsim.live.search_run import add_to_report, read_search_run, with_presets
 from kvsim.live.validate import select_samples, summarize_validation, validate
 from kvsim.paths import ensure_writable_dir, write_atomically
-from kvsim.policies import PRESETS, Budget, resolve_policy
+from kvsim.policies import Budget
 from kvsim.traces.models import load_model
-from kvsim.traces.store import MODES, TraceSet
+from kvsim.traces.store import MODES, TraceSet, check_mode
 
 VALIDATION_FILE = "validation.parquet"
 
@@ -43,10 +43,9 @@ def validate_command(
     Example: [bold]kvsim validate --traces runs/demo/traces --policy snapkv,h2o --budget 0.1 --samples 2 --out runs/val[/]
     Example: [bold]kvsim validate --run runs/search --top 3 --policy snapkv,adakv[/]
     """
-    names = [name for item in split_values(policy) or (["all"] if run else []) for name in (PRESETS if item == "all" else [item])]
-    if not names and run is None:
+    policies = policies_from_options(policy or (["all"] if run else []))
+    if not policies and run is None:
         raise KvsimError("say what to validate: --policy NAME|spec.json (or --run RUNDIR for a search's winners)")
-    policies = [resolve_policy(name) for name in names]
     if run is not None:
         if traces is not None:
             raise KvsimError("--run reads the traces from the search run: drop --traces")
@@ -58,8 +57,7 @@ def validate_command(
     else:
         if traces is None or out is None:
             raise KvsimError("give --traces and --out (or --run RUNDIR)")
-        if mode not in MODES:
-            raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
+        check_mode(mode)
         traceset = TraceSet.open(traces)
         pairs = list(itertools.product(policies, [Budget.parse(value) for value in split_values(budget)]))
         chosen = select_samples(traceset, mode, samples)
@@ -109,11 +107,9 @@ def fidelity_command(
 
     Example: [bold]kvsim fidelity --traces runs/demo/traces --samples 4 --out runs/fidelity[/]
     """
-    if mode not in MODES:
-        raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
+    check_mode(mode)
     traceset = TraceSet.open(traces)
-    names = [name for item in split_values(policy) for name in (PRESETS if item == "all" else [item])]
-    policies = [resolve_policy(name) for name in names]
+    policies = policies_from_options(policy)
     budgets = [Budget.parse(value) for value in split_values(budget)]
     if len(policies) * len(budgets) < 3:
         raise KvsimError("rank correlations need at least 3 (policy, budget) pairs: give more policies or budgets")

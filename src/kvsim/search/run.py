@@ -35,7 +35,7 @@ from kvsim.search.space import ALLOCATION_BASE
 from kvsim.search.split import Split, split_samples
 from kvsim.search.storage import DEFAULT_HEARTBEAT_S, StorageChoice, choose_storage, retry_orphaned_trials
 from kvsim.search.study import make_sampler, open_study
-from kvsim.traces.store import MODES, TraceSet
+from kvsim.traces.store import TraceSet, check_mode
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _POLL_S = 1.0
@@ -86,8 +86,7 @@ def prepare(settings: SearchSettings) -> Prepared:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if settings.objective not in OBJECTIVES:
         raise KvsimError(f"unknown objective {settings.objective!r}: choose {' or '.join(OBJECTIVES)}")
-    if settings.mode not in MODES:
-        raise KvsimError(f"unknown mode {settings.mode!r}: choose {' or '.join(MODES)}")
+    check_mode(settings.mode)
     if settings.trials < 1 or settings.workers < 1 or settings.top < 1:
         raise KvsimError("--trials, --workers and --top must be at least 1")
     if settings.objective == "pareto" and not isinstance(settings.budget, BudgetRange):

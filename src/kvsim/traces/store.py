@@ -34,6 +34,11 @@ METADATA_KEY = "kvsim"
 MODES = ("query-aware", "query-agnostic")
 MODE_TAGS = {"query-aware": "aware", "query-agnostic": "agnostic"}
 
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
+
 # Set metadata that must match for a re-run to resume into an existing folder.
 RESUME_KEYS = ("format_version", "model", "storage_dtype", "window", "max_new_tokens", "top_k", "workload")
 
