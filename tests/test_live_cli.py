@@ -154,3 +154,24 @@ def test_policies_without_a_kvpress_counterpart_say_why():
         build_press(PRESETS["h2o"], Budget(0.2))
     with pytest.raises(KvsimError, match="compression ratio"):
         build_press(PRESETS["snapkv"], Budget(64))
+
+
+def test_a_search_runs_winners_are_validated_and_exported(bundled_traces, tmp_path):
+    run = tmp_path / "run"
+    searched = kvsim_cli("search", "--traces", bundled_traces, "--budget", "0.3", "--trials", 3, "--held-out", "0.5", "--out", run)
+    assert searched.exit_code == 0, searched.output
+    held_out = json.loads((run / "search.json").read_text())["samples"]["held_out"]
+    validated = kvsim_cli("validate", "--run", run, "--top", 1, "--policy", "snapkv")
+    assert validated.exit_code == 0, validated.output
+    table = pl.read_parquet(run / "validation.parquet")
+    assert set(table["sample_id"]) == set(held_out)
+    policies = set(table["policy"])
+    assert len(policies) == 2 and "snapkv" in policies and any(name.startswith("top1-") for name in policies)
+    assert "<!-- kvsim:validation -->" in (run / "report.html").read_text()
+    exported = kvsim_cli("export", "--run", run, "--out", run / "winner.json")
+    assert exported.exit_code == 0, exported.output
+    data = json.loads((run / "winner.json").read_text())
+    assert data["provenance"]["study"] == "kvsim" and data["metrics"]["validated"]["samples"] == len(held_out)
+    assert "winner: top1-" in exported.output and "held-out samples" in exported.output
+    missing = kvsim_cli("validate", "--run", tmp_path / "nothing")
+    assert missing.exit_code == 2 and "is not a search run" in missing.output

@@ -60,7 +60,7 @@ def export(
     }
     metrics = {
         "simulated": None if traceset is None else simulated_metrics(traceset, chosen, chosen_budget),
-        "validated": None if validation is None else validated_metrics(validation, chosen.name, chosen_budget),
+        "validated": None if validation is None else validated_metrics(read_validation(validation), validation, chosen.name, chosen_budget),
     }
     write_export(ExportedPolicy(chosen, chosen_budget, shape, provenance, metrics), out, kvpress)
 
@@ -83,10 +83,10 @@ def export_search_winner(rundir: Path, out: Path, kvpress: bool) -> None:
     (winner, budget), entry = search.winners[0], search.top_entries[0]
     traceset = TraceSet.open(search.traces)
     validation = rundir / VALIDATION_FILE
-    live = pl.read_parquet(validation) if validation.is_file() else None
+    live = read_validation(validation) if validation.is_file() else None
     metrics = {
         "simulated": {"sim_score": entry["sim_score"], "kv_mib": entry.get("kv_mib")},
-        "validated": validated_metrics(validation, winner.name, budget) if live is not None else None,
+        "validated": None if live is None else validated_metrics(live, validation, winner.name, budget),
     }
     provenance = {
         "traceset": {"path": str(search.traces), "hash": traceset.content_hash},
@@ -135,22 +135,25 @@ def _from_traces(traceset: TraceSet) -> ModelShape:
 
 
 def simulated_metrics(traceset: TraceSet, policy, budget: Budget) -> dict:
-    samples = simulate(traceset, [policy], [budget], oracle=False).samples
-    return _means(samples, "samples")
+    return _means(simulate(traceset, [policy], [budget], oracle=False).samples)
 
 
-def validated_metrics(path: Path, name: str, budget: Budget) -> dict:
+def read_validation(path: Path) -> pl.DataFrame:
     try:
-        table = pl.read_parquet(path)
+        return pl.read_parquet(path)
     except (OSError, pl.exceptions.ComputeError) as err:
         raise KvsimError(f"cannot read validation table {path}: {err}") from err
+
+
+def validated_metrics(table: pl.DataFrame, path: Path, name: str, budget: Budget) -> dict:
+    """Means of `name`'s live runs at `budget` in the validation table read from `path`."""
     rows = table.filter((pl.col("policy") == name) & (pl.col("budget") == budget.label))
     if rows.is_empty():
         raise KvsimError(f"{path} has no live runs of {name} at budget {budget.label}: run `kvsim validate` with them")
-    return _means(rows, "samples")
+    return _means(rows)
 
 
-def _means(table: pl.DataFrame, count_name: str) -> dict:
+def _means(table: pl.DataFrame) -> dict:
     present = [column for column in METRIC_COLUMNS if column in table.columns]
     means = table.select(pl.col(present).mean()).row(0, named=True)
-    return {count_name: table.height, **{key: float(value) for key, value in means.items() if value is not None}}
+    return {"samples": table.height, **{key: float(value) for key, value in means.items() if value is not None}}
