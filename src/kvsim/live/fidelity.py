@@ -91,19 +91,19 @@ def write_fidelity_report(table: pl.DataFrame, out: Path) -> dict[str, Path]:
     return paths
 
 
-def _page(found: pl.DataFrame, means: pl.DataFrame, svg: str) -> str:
-    def table_html(frame: pl.DataFrame) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in frame.iter_rows()
-        )
-        return f"<table><tr>{head}</tr>{body}</table>"
+def html_table(frame: pl.DataFrame) -> str:
+    """A plain HTML table of `frame`, floats to 4 significant digits (also used by the search report)."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in frame.iter_rows())
+    return f"<table><tr>{head}</tr>{body}</table>"
 
+
+def _page(found: pl.DataFrame, means: pl.DataFrame, svg: str) -> str:
     style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>kvsim fidelity</title><style>{style}</style></head><body>"
         f"<h1>Simulator fidelity</h1>{svg[svg.index('<svg'):]}"
-        f"<h2>Rank correlations</h2>{table_html(found)}<h2>Pair means</h2>{table_html(means)}</body></html>"
+        f"<h2>Rank correlations</h2>{html_table(found)}<h2>Pair means</h2>{html_table(means)}</body></html>"
     )
 
 

@@ -8,7 +8,6 @@ search.json's layout is documented in `kvsim.search`; this module reads only `tr
 from __future__ import annotations
 
 import base64
-import html
 import re
 from dataclasses import dataclass, replace
 from io import BytesIO
@@ -21,11 +20,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
 from kvsim.errors import KvsimError  # noqa: E402
+from kvsim.live.fidelity import html_table  # noqa: E402
 from kvsim.live.validate import summarize_validation  # noqa: E402
 from kvsim.paths import read_json, write_atomically  # noqa: E402
 from kvsim.policies.budget import Budget  # noqa: E402
 from kvsim.policies.policy import Policy, load_policy_spec  # noqa: E402
 
+TABLE_COLUMNS = ["policy", "budget", "samples", "sim_score", "score", "kl", "top1", "kv_bytes", "decode_ms_per_token"]
 SECTION = re.compile(r"<!-- kvsim:validation -->.*<!-- /kvsim:validation -->", re.S)
 
 
@@ -72,7 +73,7 @@ def add_to_report(rundir: Path, table: pl.DataFrame) -> Path:
     image = base64.b64encode(buffer.getvalue()).decode()
     section = (
         "<!-- kvsim:validation --><h2>Live validation on held-out samples</h2>"
-        f"<img src='data:image/png;base64,{image}' alt='live validation'>{_table(summary)}<!-- /kvsim:validation -->"
+        f"<img src='data:image/png;base64,{image}' alt='live validation'>{html_table(summary.select(TABLE_COLUMNS))}<!-- /kvsim:validation -->"
     )
     report = rundir / "report.html"
     page = report.read_text() if report.is_file() else "<!doctype html><html><body></body></html>"
@@ -94,13 +95,3 @@ def _plot(summary: pl.DataFrame) -> plt.Figure:
     figure.suptitle("Searched winners (orange) and presets, live on held-out samples")
     figure.tight_layout()
     return figure
-
-
-def _table(summary: pl.DataFrame) -> str:
-    columns = ["policy", "budget", "samples", "sim_score", "score", "kl", "top1", "kv_bytes", "decode_ms_per_token"]
-    head = "".join(f"<th>{c}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(f'{row[c]:.4g}' if isinstance(row[c], float) else str(row[c]))}</td>" for c in columns) + "</tr>"
-        for row in summary.iter_rows(named=True)
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
