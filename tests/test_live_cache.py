@@ -161,3 +161,17 @@ def test_prompts_shorter_than_the_budget_stay_whole(tiny_model, prompt_ids):
     model(prompt_ids, past_key_values=cache)
     assert not cache.compressed
     assert cache.held_tokens()[0] == PROMPT * model.config.num_key_value_heads * model.config.num_hidden_layers
+
+
+@torch.inference_mode()
+def test_kvsim_live_without_a_policy_cache_is_plain_causal_attention_even_in_chunks(tiny_model, prompt_ids):
+    """A model left in kvsim_live mode still computes ordinary attention with a DynamicCache,
+    including a forward of several tokens over a filled cache (queries at the last positions)."""
+    model = tiny_model.model
+    model.set_attn_implementation("sdpa")
+    reference = model(prompt_ids).logits[0, -20:]
+    PolicyCache.for_model(PRESETS["snapkv"], 0.2, model)  # switches the model to kvsim_live
+    cache = DynamicCache(config=model.config)
+    model(prompt_ids[:, :-20], past_key_values=cache)
+    chunked = model(prompt_ids[:, -20:], past_key_values=cache).logits[0]
+    torch.testing.assert_close(chunked, reference, atol=2e-5, rtol=1e-4)

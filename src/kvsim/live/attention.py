@@ -3,7 +3,7 @@
 transformers calls a registered attention function with the layer's queries and whatever the
 cache's `update` returned. A policy cache returns a padded layout that only it can read, so this
 function hands the work to the cache layer that was just updated. Without a policy cache (a model
-left in this mode, or a plain DynamicCache) it is ordinary causal SDPA.
+left in this mode, or a plain DynamicCache) it is ordinary causal attention (`kvsim.traces.recorder.causal_sdpa`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from kvsim.traces.recorder import causal_sdpa
 
 if TYPE_CHECKING:
     from kvsim.live.cache import PolicyCache
@@ -37,10 +38,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         layer = cache.layers[module.layer_idx]
         if layer.keys is key:
             return layer.attend(query, scale), None
-    output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, is_causal=attention_mask is None and query.shape[2] > 1, scale=scale, enable_gqa=True
-    )
-    return output.transpose(1, 2).contiguous(), None
+    return causal_sdpa(query, key, value, scale), None
 
 
 AttentionInterface.register(ATTENTION_NAME, _attention)

@@ -63,14 +63,28 @@ class ForwardRecorder:
         return torch.cat(self.query_rows[layer], dim=1)
 
 
+def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain causal attention [b, n, heads, d] of the newest n tokens over all T cached ones.
+
+    Registered attention functions get no mask from transformers, so causality is rebuilt here:
+    the queries are the last n positions (bottom-right aligned, which SDPA's `is_causal` is not when
+    n < T, as in a chunked forward over a filled cache).
+    """
+    n, total = query.shape[2], key.shape[2]
+    mask = None
+    if 1 < n < total:
+        mask = torch.arange(total, device=query.device)[None, :] <= torch.arange(total - n, total, device=query.device)[:, None]
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=n == total and n > 1, scale=scale, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous()
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     recorder = _active.get()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if recorder is None:
-        output = F.scaled_dot_product_attention(
-            query, key, value, is_causal=query.shape[2] > 1, scale=scale, enable_gqa=True
-        )
-        return output.transpose(1, 2).contiguous(), None
+        return causal_sdpa(query, key, value, scale), None
     return recorder.attend(module.layer_idx, query, key, value, scale), None
 
 
