@@ -51,7 +51,7 @@ def test_validate_reports_live_metrics_beside_the_simulators(validation):
     path, output = validation
     table = pl.read_parquet(path)
     assert table.height == 2 * 3
-    assert {"sim_score", "score", "kl", "top1", "kv_bytes", "padding_bytes", "decode_ms_per_token"} <= set(table.columns)
+    assert {"sim_score", "score", "kl", "top1", "kv_bytes", "decode_ms_per_token"} <= set(table.columns)
     full = table.filter(pl.col("policy") == "full")
     # The full cache reproduces the traced continuation and its answer.
     assert full["top1"].min() == 1.0 and full["kl"].max() < 1e-3

@@ -1,5 +1,13 @@
-"""The live cache and the simulator make the same decisions: on a sample captured from the same
-model, every prefill-once preset retains the same positions per layer and KV head in both."""
+"""The live cache and the simulator make the same decisions and count the same bytes.
+
+On a sample captured in float32 from the same model, in both evaluation modes:
+- every preset's prompt decision keeps the same positions per layer and KV head live and simulated;
+- every-step and lagged policies (presets and compositions with pooled and unpooled scorers, drop,
+  merge and quantize retention) keep the same positions at every decode step: the live cache's
+  layers are fed the captured continuation's keys, values and queries (what the model hands them
+  when it runs the reference continuation) and compared with the simulator's replay row by row;
+- the simulator's `kv_bytes` is exactly what the live cache holds after the prompt's decision.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +15,105 @@ import pytest
 import torch
 
 from kvsim.live.runner import LiveSample
+from kvsim.policies.allocators.head_adaptive import HeadAdaptive
+from kvsim.policies.allocators.pyramid import Pyramid
+from kvsim.policies.allocators.uniform import Uniform
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
+from kvsim.policies.policy import Policy
 from kvsim.policies.presets import PRESETS
-from kvsim.sim.continuation import prefill_view
+from kvsim.policies.retention import Merge, Quantize
+from kvsim.policies.schedules import EveryStep, Lagged
+from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
+from kvsim.policies.scorers.cake_indicator import CakeIndicator
+from kvsim.policies.scorers.global_local import GlobalLocal
+from kvsim.policies.scorers.last_query import LastQuery
+from kvsim.policies.scorers.recurrence import Recurrence
+from kvsim.policies.scorers.window_attention import WindowAttention
+from kvsim.sim.continuation import continuation_attention, prefill_view
+from kvsim.sim.replay import replay_stepwise
+from kvsim.sim.simulate import prepare_sample
 from kvsim.traces.capture import CaptureSettings, capture_traceset
 from kvsim.traces.store import MODES
 from kvsim.traces.workloads import build_workload
 
 WINDOW = 32
-PREFILL_ONCE = [name for name, policy in PRESETS.items() if policy.schedule.interval is None]
+STEPWISE_PRESETS = [policy for policy in PRESETS.values() if policy.schedule.interval is not None]
+# Compositions the search draws: pooled and unpooled scorers, every_step and lagged, every retention.
+COMPOSED_STEPWISE = [
+    Policy("pooled-window-every-step", WindowAttention(window=8, pool="max", kernel=7), Uniform(), EveryStep(recent=4)),
+    Policy("avg-pooled-window-lagged", WindowAttention(window=16, pool="avg", kernel=5, gqa="max"), HeadAdaptive(alpha=0.2, recent=4), Lagged(sinks=1, recent=4, every=2)),
+    Policy("cake-lagged", CakeIndicator(window=8, kernel=5), Pyramid(beta=5, recent=4), Lagged(recent=8, every=3)),
+    Policy("accumulated-every-step-quantize", AccumulatedAttention(gqa="max"), Uniform(), EveryStep(sinks=2, recent=4), Quantize(nbits=4)),
+    Policy("recurrence-lagged-merge", Recurrence(window=8), Uniform(), Lagged(recent=4, every=2), Merge(threshold=0.2)),
+    Policy("last-query-every-step-quantize", LastQuery(), HeadAdaptive(alpha=0.5), EveryStep(), Quantize(nbits=2)),
+    Policy("global-local-every-step", GlobalLocal(local_weight=0.3, window=8), Uniform(), EveryStep(sinks=4, recent=4)),
+]
 
 
-def capture_float32(loaded, folder, context_tokens):
+def capture_float32(loaded, folder, context_tokens, max_new_tokens=4):
     count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     samples = build_workload("passkey", 1, seed=3, context_tokens=context_tokens, count_tokens=count)
-    settings = CaptureSettings(window=WINDOW, max_new_tokens=4, storage_dtype="float32", modes=MODES)
+    settings = CaptureSettings(window=WINDOW, max_new_tokens=max_new_tokens, storage_dtype="float32", modes=MODES)
     return capture_traceset(loaded, samples, folder, settings, {"spec": "passkey", "seed": 3})
 
 
-def assert_same_decisions(loaded, traceset, mode, budgets=(0.1, 0.3)):
-    sample = next(traceset.samples(mode))
-    live = LiveSample(loaded, traceset, sample, WINDOW)
-    views = [prefill_view(sample, layer, traceset.n_layers, WINDOW) for layer in range(traceset.n_layers)]
-    for name in PREFILL_ONCE:
+def positions_of(keep: torch.Tensor) -> list[list[int]]:
+    return [row.nonzero().flatten().tolist() for row in keep]
+
+
+def assert_same_prefill_decisions(live, sample, n_layers, policies, budgets):
+    views = [prefill_view(sample, layer, n_layers, WINDOW) for layer in range(n_layers)]
+    for policy in policies:
         for value in budgets:
-            budget = Budget(value)
-            simulated, _ = compress_prefill(PRESETS[name], views, budget, sample.prompt_len)
-            cache = live.recording.with_policy(PRESETS[name], budget)
+            simulated, _ = compress_prefill(policy, views, Budget(value), sample.prompt_len)
+            cache = live.recording.with_policy(policy, Budget(value))
             for layer, keep in enumerate(simulated):
-                held = cache.kept_positions(layer)
-                for head in range(keep.shape[0]):
-                    assert torch.equal(held[head], keep[head].nonzero().flatten()), (name, value, layer, head)
+                held = [p.tolist() for p in cache.kept_positions(layer)]
+                assert held == positions_of(keep), (policy.name, value, sample.mode, layer)
+
+
+def simulated_steps(sample, n_layers, policy, budget):
+    """Per layer, the positions each head holds after every continuation row, from the simulator."""
+    views = [prefill_view(sample, layer, n_layers, WINDOW) for layer in range(n_layers)]
+    keeps, budgets = compress_prefill(policy, views, budget, sample.prompt_len)
+    steps = []
+    for layer in range(n_layers):
+        rows = []
+        full = continuation_attention(sample, layer, WINDOW)
+        replay_stepwise(policy, views[layer], full, keeps[layer], budgets[layer], lambda row, held: rows.append(
+            [p.tolist() for p in held.kept_positions()]))
+        steps.append(rows)
+    return steps
+
+
+def live_steps(live, sample, n_layers, policy, budget):
+    """The same from the live cache, its layers fed the captured continuation row by row."""
+    cache = live.recording.with_policy(policy, budget)
+    steps = [[] for _ in range(n_layers)]
+    for row in range(sample.total_len - sample.prompt_len):
+        position = sample.prompt_len + row
+        for index in range(n_layers):
+            trace = sample.layer(index)
+            keys, values = cache.update(trace.k[None, :, position : position + 1], trace.v[None, :, position : position + 1], index)
+            layer = cache.layers[index]
+            layer.attend(trace.q[None, :, WINDOW + row : WINDOW + row + 1], layer.held.scaling)
+            steps[index].append([p.tolist() for p in cache.kept_positions(index)])
+    return steps
+
+
+def assert_same_stepwise_decisions(live, sample, n_layers, policies, budget=Budget(0.3)):
+    for policy in policies:
+        assert live_steps(live, sample, n_layers, policy, budget) == simulated_steps(sample, n_layers, policy, budget), (
+            policy.name, sample.mode)
+
+
+def assert_same_bytes(live, traceset, sample, budgets):
+    prepared = prepare_sample(traceset, sample)
+    for policy in PRESETS.values():
+        for value in budgets:
+            predicted = sum(outcome.kv_bytes for outcome in prepared.replay(policy, Budget(value)))
+            assert live.recording.with_policy(policy, Budget(value)).held_bytes() == predicted, (policy.name, value)
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +121,41 @@ def tiny_float32_traces(tiny_model, tmp_path_factory):
     return tiny_model, capture_float32(tiny_model, tmp_path_factory.mktemp("live-sim") / "traces", 200)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @torch.inference_mode()
-def test_live_and_simulated_prefill_decisions_are_identical_on_tiny_models(tiny_float32_traces):
+def test_every_preset_decides_the_same_prompt_tokens_live_and_simulated(tiny_float32_traces, mode):
     loaded, traceset = tiny_float32_traces
-    assert_same_decisions(loaded, traceset, "query-aware")
+    sample = next(traceset.samples(mode))
+    live = LiveSample(loaded, traceset, sample, WINDOW)
+    assert_same_prefill_decisions(live, sample, traceset.n_layers, PRESETS.values(), (0.1, 0.3))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@torch.inference_mode()
+def test_stepwise_policies_decide_the_same_tokens_at_every_step(tiny_float32_traces, mode):
+    loaded, traceset = tiny_float32_traces
+    sample = next(traceset.samples(mode))
+    live = LiveSample(loaded, traceset, sample, WINDOW)
+    assert_same_stepwise_decisions(live, sample, traceset.n_layers, STEPWISE_PRESETS + COMPOSED_STEPWISE)
 
 
 @torch.inference_mode()
-def test_live_and_simulated_prefill_decisions_are_identical_on_the_bundled_model(bundled_model, tmp_path):
-    traceset = capture_float32(bundled_model, tmp_path / "traces", 300)
-    assert_same_decisions(bundled_model, traceset, "query-aware")
+def test_the_simulator_predicts_exactly_the_bytes_the_live_cache_holds(tiny_float32_traces):
+    loaded, traceset = tiny_float32_traces
+    sample = next(traceset.samples("query-aware"))
+    assert_same_bytes(LiveSample(loaded, traceset, sample, WINDOW), traceset, sample, (0.1, 0.3))
+
+
+@pytest.mark.bundled
+@torch.inference_mode()
+def test_live_and_simulated_decisions_are_identical_on_the_bundled_model(bundled_model, tmp_path):
+    traceset = capture_float32(bundled_model, tmp_path / "traces", 300, max_new_tokens=3)
+    for mode in MODES:
+        sample = next(traceset.samples(mode))
+        live = LiveSample(bundled_model, traceset, sample, WINDOW)
+        assert_same_prefill_decisions(live, sample, traceset.n_layers, PRESETS.values(), (0.1, 0.3))
+        assert_same_stepwise_decisions(live, sample, traceset.n_layers, STEPWISE_PRESETS + COMPOSED_STEPWISE[:3])
+    assert_same_bytes(live, traceset, sample, (0.1,))
 
 
 @torch.inference_mode()

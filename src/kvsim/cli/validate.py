@@ -83,12 +83,12 @@ def run_with_progress(loaded, traceset, pairs, samples, partial: Path) -> pl.Dat
 
 def print_validation(table: pl.DataFrame) -> None:
     summary = summarize_validation(table)
-    view = Table("mode", "budget", "policy", "n", "sim_score", "live score", "full score", "KL", "top-1", "KV held", "padding", "ms/token")
+    view = Table("mode", "budget", "policy", "n", "sim_score", "live score", "full score", "KL", "top-1", "KV held", "ms/token")
     for row in summary.iter_rows(named=True):
         view.add_row(
             row["mode"], row["budget"], row["policy"], str(row["samples"]), f"{row['sim_score']:.3f}", f"{row['score']:.2f}",
             f"{row['full_cache_score']:.2f}", f"{row['kl']:.3f}", f"{row['top1']:.2f}", human_bytes(row["kv_bytes"]),
-            human_bytes(row["padding_bytes"]), f"{row['decode_ms_per_token']:.1f}",
+            f"{row['decode_ms_per_token']:.1f}",
         )
     console.print(view)
 

@@ -2,9 +2,10 @@
 
 The cache decides once, at the end of the first forward (the prefill: the whole prompt, or the
 context alone in query-agnostic evaluation), for every layer together, with the simulator's code
-(`kvsim.policies.compress`), then keeps each layer at its decision; every-step and lagged schedules
-re-select on their steps. Attention reads the cache through the registered attention function
-`kvsim_live` (see `kvsim.live.attention`), which knows the padded per-head layout.
+(`kvsim.policies.compress`), then hands each layer a `HeldLayer` (`kvsim.policies.held`), the
+decode engine the simulator runs too: it stores each head's tokens without padding and re-selects
+on the schedule's steps. Attention reads the cache through the registered attention function
+`kvsim_live` (see `kvsim.live.attention`), which asks the cache to decide after the last layer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kvsim.live.attention import ATTENTION_NAME, activate
 from kvsim.live.layer import PolicyLayer
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
+from kvsim.policies.held import HeldLayer
 from kvsim.policies.policy import Policy
 
 
@@ -45,15 +47,15 @@ class PolicyCache(Cache):
     ) -> None:
         if policy is not None:
             policy.check_model(n_layers)
-        super().__init__(layers=[PolicyLayer(index, self) for index in range(n_layers)])
-        self.policy = policy
-        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
-        self.row_splits = tuple(row_splits)
         # One query is kept even when the policy reads none, so stepwise rescoring views have a position.
         self.window = window or max(policy.observation_window if policy else 0, 1)
+        self.row_splits = tuple(row_splits)
+        super().__init__(layers=[PolicyLayer(index, n_layers, self.window, self.row_splits) for index in range(n_layers)])
+        self.policy = policy
+        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
         self.decided = False
         self.budgets: torch.Tensor | None = None  # [n_layers, kv_heads] tokens per head, once compressed
-        self.scaling = 1.0
+        self.peak_prefill_bytes = 0
 
     @classmethod
     def recording(cls, model: PreTrainedModel, window: int, row_splits: Sequence[int] = ()) -> PolicyCache:
@@ -68,8 +70,15 @@ class PolicyCache(Cache):
         return cls(policy, budget, model.config.num_hidden_layers, **kwargs)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        activate(self)
-        return super().update(key_states, value_states, layer_idx, cache_kwargs)
+        keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
+        activate(self, layer_idx, keys)
+        return keys, values
+
+    def after_attention(self, layer_idx: int) -> None:
+        """Called by the attention function after each layer: the last layer's prefill triggers the decision."""
+        if not self.decided and layer_idx == len(self.layers) - 1 and self.layers[-1].prefill_view is not None:
+            self.peak_prefill_bytes = sum(layer.prefill_bytes() for layer in self.layers)
+            self.decide()
 
     def with_policy(self, policy: Policy, budget: Budget | float | int) -> PolicyCache:
         """A new cache deciding with `policy` on this recording cache's prefill, without running it again."""
@@ -84,20 +93,19 @@ class PolicyCache(Cache):
         return cache
 
     def decide(self) -> None:
-        """Compress every layer at the end of the prefill (called by the last layer's attention)."""
+        """Compress every layer at the end of the prefill; a recording cache (no policy) keeps its views."""
         if self.policy is None:
             return
         views = [layer.prefill_view for layer in self.layers]
         prompt = views[0].length
-        self.scaling = views[0].scaling
         self.decided = True
-        if not self._compressible(prompt):
-            for layer in self.layers:
-                layer.prefill_view = None
-            return
-        keeps, self.budgets = compress_prefill(self.policy, views, self.budget, prompt)
-        for layer, view, keep in zip(self.layers, views, keeps):
-            layer.shrink(view, keep, ~keep)
+        if self._compressible(prompt):
+            keeps, self.budgets = compress_prefill(self.policy, views, self.budget, prompt)
+        else:
+            keeps = [torch.ones(view.kv_heads, view.length, dtype=torch.bool) for view in views]
+        budgets = self.budgets if self.budgets is not None else [None] * len(views)
+        for layer, view, keep, layer_budgets in zip(self.layers, views, keeps, budgets):
+            layer.hold(HeldLayer.after_prefill(self.policy, view, keep, layer_budgets, self.window, layer.dtype))
 
     @property
     def compressed(self) -> bool:
@@ -113,10 +121,8 @@ class PolicyCache(Cache):
     # --- what is held ---------------------------------------------------------------------------
 
     def held_bytes(self) -> int:
-        return sum(layer.held_bytes()[0] for layer in self.layers)
-
-    def padding_bytes(self) -> int:
-        return sum(layer.held_bytes()[1] for layer in self.layers)
+        """Bytes of keys and values held, at the serving dtype (`kvsim.policies.held.kv_bytes`)."""
+        return sum(layer.held_bytes() for layer in self.layers)
 
     def held_tokens(self) -> tuple[int, int]:
         """(full-precision, low-precision) tokens over all layers and KV heads."""
@@ -125,5 +131,4 @@ class PolicyCache(Cache):
 
     def kept_positions(self, layer: int) -> list[torch.Tensor]:
         """Per KV head, the sorted positions held at full precision in `layer`."""
-        positions = self.layers[layer].positions
-        return [row[row >= 0].sort().values for row in positions]
+        return self.layers[layer].kept_positions()

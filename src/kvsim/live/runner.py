@@ -31,8 +31,7 @@ class LiveOutcome:
     score: float
     kl: float  # mean over continuation positions, nats
     top1: float  # share of positions whose argmax matches the full cache's
-    kv_bytes: int  # keys and values held after the prefill decision, padding included
-    padding_bytes: int
+    kv_bytes: int  # keys and values held right after the prompt's decision, at the serving dtype (`kvsim.policies.held`)
     kept_tokens: int
     low_precision_tokens: int
     decode_ms_per_token: float
@@ -58,7 +57,7 @@ class LiveSample:
     def run(self, policy: Policy, budget: Budget) -> LiveOutcome:
         cache = self.recording.with_policy(policy, budget)
         stepwise = policy.schedule.interval is not None
-        kv_bytes, padding = cache.held_bytes(), cache.padding_bytes()
+        kv_bytes = cache.held_bytes()
         kept, low = cache.held_tokens()
         teacher = feed(self.model, copy.deepcopy(cache), self.ids[self.start : self.sample.total_len - 1], stepwise)
         kl, top1 = fidelity(torch.cat([self.first_logits, teacher]), self.reference_ids, self.reference_logprobs)
@@ -70,7 +69,6 @@ class LiveSample:
             kl=kl,
             top1=top1,
             kv_bytes=kv_bytes,
-            padding_bytes=padding,
             kept_tokens=kept,
             low_precision_tokens=low,
             decode_ms_per_token=1000 * seconds / max(1, len(generated) - 1),

@@ -69,9 +69,19 @@ PRESETS: dict[str, Policy] = {
             PrefillOnce(recent=WINDOW),
         ),
         # CAKE (§1): mean + 200·var indicator with avg pooling 5, layer preference with tau 1.0 (the
-        # reference's fallback when no per-model value is tuned), window 32 kept; non-cascading.
+        # reference's fallback when no per-model value is tuned), window 32 kept; non-cascading. As
+        # published it keeps evicting while decoding: every step, each layer drops one token by the
+        # newest query's pooled attention, holding its budget plus the window.
         Policy(
             "cake",
+            CakeIndicator(window=WINDOW, gamma=200.0, kernel=5),
+            CakePreference(window=WINDOW, tau1=1.0, tau2=1.0),
+            EveryStep(recent=WINDOW),
+        ),
+        # CAKE's prefill decision alone: the cache then grows as in SnapKV (kvsim's `cake` before it
+        # evicted while decoding; kept under its own name for comparison).
+        Policy(
+            "cake_prefill",
             CakeIndicator(window=WINDOW, gamma=200.0, kernel=5),
             CakePreference(window=WINDOW, tau1=1.0, tau2=1.0),
             PrefillOnce(recent=WINDOW),
