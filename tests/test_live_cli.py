@@ -175,3 +175,15 @@ def test_a_search_runs_winners_are_validated_and_exported(bundled_traces, tmp_pa
     assert "winner: top1-" in exported.output and "held-out samples" in exported.output
     missing = kvsim_cli("validate", "--run", tmp_path / "nothing")
     assert missing.exit_code == 2 and "is not a search run" in missing.output
+
+
+def test_a_run_without_held_out_samples_is_refused_instead_of_validated_on_search_samples(tmp_path):
+    from kvsim.live.search_run import read_search_run
+
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "1.json").write_text(json.dumps(PRESETS["snapkv"].to_spec()))
+    summary = {"study": "s", "traces": "t", "mode": "query-aware", "samples": {"search": ["a", "b"], "held_out": []},
+               "top": [{"rank": 1, "spec": "top/1.json", "budget": 0.2}]}
+    (tmp_path / "search.json").write_text(json.dumps(summary))
+    with pytest.raises(KvsimError, match="no held-out samples"):
+        read_search_run(tmp_path, 1)

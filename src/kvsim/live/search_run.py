@@ -53,7 +53,13 @@ def read_search_run(rundir: Path, top: int) -> SearchRun:
     for entry in entries[:top]:
         policy = load_policy_spec(rundir / entry["spec"])
         winners.append((replace(policy, name=f"top{entry['rank']}-{policy.name}"), Budget(entry["budget"])))
-    held_out = summary["samples"]["held_out"] or summary["samples"]["search"]
+    held_out = summary["samples"]["held_out"]
+    if not held_out:
+        # Validating on the search samples would report the winners on the samples that chose them.
+        raise KvsimError(
+            f"{rundir} has no held-out samples to validate on: search again with --held-out above 0 and at least "
+            "two samples per task, or run `kvsim validate --traces ... --policy ...` on samples of your choice"
+        )
     return SearchRun(rundir, summary["study"], Path(summary["traces"]), summary["mode"], list(held_out), winners, entries[:top])
 
 
