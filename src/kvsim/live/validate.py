@@ -102,10 +102,12 @@ def summarize_validation(table: pl.DataFrame) -> pl.DataFrame:
             pl.col("sim_score").mean(),
             pl.col("score").mean(),
             pl.col("full_cache_score").mean(),
+            pl.col("answer_logprob").mean(),
+            pl.col("answer_match").mean(),
             pl.col("kl").mean(),
             pl.col("top1").mean(),
             pl.col("kv_bytes").mean(),
             pl.col("decode_ms_per_token").mean(),
         )
-        .sort("mode", "budget", "sim_score", descending=[False, False, True])
+        .sort("mode", "budget", "answer_logprob", descending=[False, False, True])
     )

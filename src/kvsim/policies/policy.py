@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ class Policy:
 
     def to_spec(self) -> dict[str, Any]:
         return {"name": self.name, **{kind: getattr(self, kind).to_spec() for kind in KINDS}}
+
+    def decision_key(self) -> str:
+        """What the policy decides, without its name: equal keys make equal decisions, so results
+        can be shared between two trials that drew the same composition."""
+        spec = self.to_spec()
+        return json.dumps({kind: spec[kind] for kind in KINDS}, sort_keys=True)
 
     @classmethod
     def from_spec(cls, spec: Any) -> Policy:

@@ -34,6 +34,11 @@ ALLOCATION_BASE = PRESETS["snapkv"]
 ALLOCATORS = sorted(name for name, cls in REGISTRY["allocator"].items() if cls is not AllTokens)
 
 
+def preset_trials() -> list[dict]:
+    """Parameters that make a trial evaluate each preset, for `study.enqueue_trial`."""
+    return [{"family": family} for family in FAMILIES if family != COMPOSED]
+
+
 def suggest_policy(trial, n_layers: int, space: str = "full") -> Policy:
     """The policy of `trial`; composed policies are named `trial-<number>`."""
     if space == "allocation":

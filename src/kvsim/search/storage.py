@@ -37,9 +37,8 @@ from sqlalchemy.engine import make_url
 
 from kvsim.errors import KvsimError
 from kvsim.search.objective import WORKER_ATTR
+from kvsim.search.rundir import SearchRun
 
-SQLITE_FILE = "study.db"
-JOURNAL_FILE = "study.journal"
 MAX_RETRY = 3
 DEFAULT_HEARTBEAT_S = 30
 _SCHEMES = ("postgresql", "sqlite")
@@ -88,14 +87,14 @@ class StorageChoice:
             raise KvsimError(f"cannot open storage {self.describe()} ({reason}): check the URL, the server and the credentials") from err
 
 
-def choose_storage(url: str | None, rundir: Path, workers: int, heartbeat_s: int = DEFAULT_HEARTBEAT_S) -> StorageChoice:
-    """The storage a run uses: `url` if given, else the embedded one RUNDIR already holds or needs."""
+def choose_storage(url: str | None, run: SearchRun, workers: int, heartbeat_s: int = DEFAULT_HEARTBEAT_S) -> StorageChoice:
+    """The storage a run uses: `url` if given, else the embedded one the run folder already holds or needs."""
     if url is not None:
         choice = StorageChoice(url=_checked_url(url), heartbeat_s=heartbeat_s)
-    elif (rundir / JOURNAL_FILE).exists() or (workers > 1 and not (rundir / SQLITE_FILE).exists()):
-        choice = StorageChoice(journal=(rundir / JOURNAL_FILE).resolve())
+    elif run.journal_path.exists() or (workers > 1 and not run.sqlite_path.exists()):
+        choice = StorageChoice(journal=run.journal_path.resolve())
     else:
-        choice = StorageChoice(url=f"sqlite:///{(rundir / SQLITE_FILE).resolve()}")
+        choice = StorageChoice(url=f"sqlite:///{run.sqlite_path.resolve()}")
     if workers > 1 and not choice.shareable:
         raise KvsimError(
             f"the study in {choice.describe()} is SQLite, which serves one worker: run it with --workers 1, "
