@@ -1,5 +1,6 @@
 """The live cache and the simulator make the same decisions: on a sample captured from the same
-model, every prefill-once preset retains the same positions per layer and KV head in both."""
+model, every prefill-once preset retains the same positions per layer and KV head in both (KVzip
+included: capture and the live cache run the same reconstruction pass)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,28 @@ from kvsim.live.runner import LiveSample
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
 from kvsim.policies.presets import PRESETS
+from kvsim.policies.rope import Rotary
 from kvsim.sim.continuation import prefill_view
 from kvsim.traces.capture import CaptureSettings, capture_traceset
 from kvsim.traces.store import MODES
 from kvsim.traces.workloads import build_workload
 
-WINDOW = 32
+WINDOW = 64  # the longest window a preset reads (expected_attention)
 PREFILL_ONCE = [name for name, policy in PRESETS.items() if policy.schedule.interval is None]
 
 
 def capture_float32(loaded, folder, context_tokens):
     count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     samples = build_workload("passkey", 1, seed=3, context_tokens=context_tokens, count_tokens=count)
-    settings = CaptureSettings(window=WINDOW, max_new_tokens=4, storage_dtype="float32", modes=MODES)
+    settings = CaptureSettings(window=WINDOW, max_new_tokens=4, storage_dtype="float32", modes=MODES, kvzip=True)
     return capture_traceset(loaded, samples, folder, settings, {"spec": "passkey", "seed": 3})
 
 
 def assert_same_decisions(loaded, traceset, mode, budgets=(0.1, 0.3)):
     sample = next(traceset.samples(mode))
-    live = LiveSample(loaded, traceset, sample, WINDOW)
-    views = [prefill_view(sample, layer, traceset.n_layers, WINDOW) for layer in range(traceset.n_layers)]
+    live = LiveSample(loaded, traceset, sample, WINDOW, kvzip=True)
+    rope = Rotary.from_meta(traceset.meta["model"]["rope"])
+    views = [prefill_view(sample, layer, traceset.n_layers, WINDOW, rope) for layer in range(traceset.n_layers)]
     for name in PREFILL_ONCE:
         for value in budgets:
             budget = Budget(value)

@@ -21,6 +21,7 @@ from kvsim.live.layer import PolicyLayer
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
 from kvsim.policies.policy import Policy
+from kvsim.policies.rope import Rotary
 
 
 class PolicyCache(Cache):
@@ -54,6 +55,9 @@ class PolicyCache(Cache):
         self.decided = False
         self.budgets: torch.Tensor | None = None  # [n_layers, kv_heads] tokens per head, once compressed
         self.scaling = 1.0
+        self.rope: Rotary | None = None  # the model's RoPE, for scorers that rotate queries (set by for_model)
+        # KVzip's per-layer [heads, prefix] scores (`kvsim.traces.kvzip`), set before the prefill when a policy reads them.
+        self.reconstruction: list[torch.Tensor] | None = None
 
     @classmethod
     def recording(cls, model: PreTrainedModel, window: int, row_splits: Sequence[int] = ()) -> PolicyCache:
@@ -65,7 +69,9 @@ class PolicyCache(Cache):
         """A cache for `model`, whose attention is switched to `kvsim_live` (plain SDPA without a policy cache)."""
         if model.config._attn_implementation != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
-        return cls(policy, budget, model.config.num_hidden_layers, **kwargs)
+        cache = cls(policy, budget, model.config.num_hidden_layers, **kwargs)
+        cache.rope = Rotary.from_model(model)
+        return cache
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         activate(self)

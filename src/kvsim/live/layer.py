@@ -120,6 +120,8 @@ class PolicyLayer(CacheLayerMixin):
             scaling=scaling,
             colsum=stats.colsum.sum(0),
             colsq=stats.colsq.sum(0),
+            rope=self.cache.rope,
+            reconstruction=None if self.cache.reconstruction is None else self.cache.reconstruction[self.index],
         )
         output = stats.output.to(query.dtype).transpose(0, 1).unsqueeze(0)
         if self.index == len(self.cache.layers) - 1:
@@ -212,6 +214,7 @@ class PolicyLayer(CacheLayerMixin):
             scaling=self.cache.scaling,
             colsum=colsum,
             present=present,
+            rope=self.cache.rope,
         )
 
     # --- shrinking ------------------------------------------------------------------------------
