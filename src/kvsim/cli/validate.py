@@ -51,6 +51,7 @@ def validate_command(
             raise KvsimError("--run reads the traces from the search run: drop --traces")
         search = read_search_run(run, top)
         traceset = TraceSet.open(search.traces)
+        policies = policies_from_options(policy or ["all"], traceset.statistics)
         pairs = with_presets(search, policies)
         chosen = select_samples(traceset, search.mode, samples, search.held_out)
         out = out or run
@@ -109,7 +110,7 @@ def fidelity_command(
     """
     check_mode(mode)
     traceset = TraceSet.open(traces)
-    policies = policies_from_options(policy)
+    policies = policies_from_options(policy, traceset.statistics)
     budgets = [Budget.parse(value) for value in split_values(budget)]
     if len(policies) * len(budgets) < 3:
         raise KvsimError("rank correlations need at least 3 (policy, budget) pairs: give more policies or budgets")

@@ -122,11 +122,11 @@ PRESETS: dict[str, Policy] = {
         # budgets competed for across all layers and heads (kvpress's layerwise=False).
         Policy("kvzip", KVzip(sinks=4), GlobalTop()),
         # Expected Attention: expected attention of the next 512 queries from the statistics of the
-        # last 64 (kvpress uses all prompt queries after the sinks), 4 sinks, value-norm rescaled.
-        Policy("expected_attention", ExpectedAttention(window=64, future=512, sinks=4), Uniform()),
+        # last 32 (kvpress uses all prompt queries after the sinks), 4 sinks, value-norm rescaled.
+        Policy("expected_attention", ExpectedAttention(window=WINDOW, future=512, sinks=4), Uniform()),
         # kvpress's AdaKVPress(ExpectedAttentionPress()): the same scores, head-adaptive budgets,
         # alpha_safeguard 0.2 (Ada-KV's budget rule, see head_adaptive; kvpress's differs slightly).
-        Policy("adakv_expected_attention", ExpectedAttention(window=64, future=512, sinks=4), HeadAdaptive(alpha=0.2)),
+        Policy("adakv_expected_attention", ExpectedAttention(window=WINDOW, future=512, sinks=4), HeadAdaptive(alpha=0.2)),
         # KeyDiff: keys least similar to the mean key, nothing protected (kvpress KeyDiffPress).
         Policy("keydiff", KeyDiff(), Uniform()),
         # LagKV: each 128-token partition scored against the next one's range, 4 sinks, the last

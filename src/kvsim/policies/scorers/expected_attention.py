@@ -8,7 +8,7 @@ averaged over the GQA group, and multiplied by ‖v‖ (the size of what the tok
 The first `sinks` tokens are left out of the statistics and of the softmax and always kept.
 
 Parameters:
-    window (64): recent queries the statistics come from; kvpress uses every prompt query after
+    window (32; the SnapKV family's window): recent queries the statistics come from; kvpress uses every prompt query after
         the sinks, which a window of prompt length − sinks reproduces exactly.
     future (512): positions ahead the rotation is averaged over.
     sinks (4), covariance (True), value_norm (True), epsilon (0.0): as in kvpress.
@@ -33,7 +33,7 @@ from kvsim.policies.view import CacheView, reduce_group
 @dataclass(frozen=True)
 class ExpectedAttention(Scorer):
     name = "expected_attention"
-    window: int = 64
+    window: int = 32
     future: int = 512
     sinks: int = 4
     covariance: bool = True
