@@ -7,6 +7,7 @@ On a sample captured in float32 from the same model, in both evaluation modes:
   layers are fed the captured continuation's keys, values and queries (what the model hands them
   when it runs the reference continuation) and compared with the simulator's replay row by row;
 - the simulator's `kv_bytes` is exactly what the live cache holds after the prompt's decision.
+KVzip is included: capture and the live cache run the same reconstruction pass.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kvsim.policies.compress import compress_prefill
 from kvsim.policies.policy import Policy
 from kvsim.policies.presets import PRESETS
 from kvsim.policies.retention import Merge, Quantize
+from kvsim.policies.rope import Rotary
 from kvsim.policies.schedules import EveryStep, Lagged
 from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
 from kvsim.policies.scorers.cake_indicator import CakeIndicator
@@ -37,7 +39,7 @@ from kvsim.traces.capture import CaptureSettings, capture_traceset
 from kvsim.traces.store import MODES
 from kvsim.traces.workloads import build_workload
 
-WINDOW = 32
+WINDOW = 64  # the longest window a preset reads (expected_attention)
 STEPWISE_PRESETS = [policy for policy in PRESETS.values() if policy.schedule.interval is not None]
 # Compositions the search draws: pooled and unpooled scorers, every_step and lagged, every retention.
 COMPOSED_STEPWISE = [
@@ -54,16 +56,20 @@ COMPOSED_STEPWISE = [
 def capture_float32(loaded, folder, context_tokens, max_new_tokens=4):
     count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     samples = build_workload("passkey", 1, seed=3, context_tokens=context_tokens, count_tokens=count)
-    settings = CaptureSettings(window=WINDOW, max_new_tokens=max_new_tokens, storage_dtype="float32", modes=MODES)
+    settings = CaptureSettings(window=WINDOW, max_new_tokens=max_new_tokens, storage_dtype="float32", modes=MODES, kvzip=True)
     return capture_traceset(loaded, samples, folder, settings, {"spec": "passkey", "seed": 3})
+
+
+def rope_of(traceset):
+    return Rotary.from_meta(traceset.meta["model"]["rope"])
 
 
 def positions_of(keep: torch.Tensor) -> list[list[int]]:
     return [row.nonzero().flatten().tolist() for row in keep]
 
 
-def assert_same_prefill_decisions(live, sample, n_layers, policies, budgets):
-    views = [prefill_view(sample, layer, n_layers, WINDOW) for layer in range(n_layers)]
+def assert_same_prefill_decisions(live, sample, n_layers, policies, budgets, rope):
+    views = [prefill_view(sample, layer, n_layers, WINDOW, rope) for layer in range(n_layers)]
     for policy in policies:
         for value in budgets:
             simulated, _ = compress_prefill(policy, views, Budget(value), sample.prompt_len)
@@ -73,9 +79,9 @@ def assert_same_prefill_decisions(live, sample, n_layers, policies, budgets):
                 assert held == positions_of(keep), (policy.name, value, sample.mode, layer)
 
 
-def simulated_steps(sample, n_layers, policy, budget):
+def simulated_steps(sample, n_layers, policy, budget, rope):
     """Per layer, the positions each head holds after every continuation row, from the simulator."""
-    views = [prefill_view(sample, layer, n_layers, WINDOW) for layer in range(n_layers)]
+    views = [prefill_view(sample, layer, n_layers, WINDOW, rope) for layer in range(n_layers)]
     keeps, budgets = compress_prefill(policy, views, budget, sample.prompt_len)
     steps = []
     for layer in range(n_layers):
@@ -102,9 +108,9 @@ def live_steps(live, sample, n_layers, policy, budget):
     return steps
 
 
-def assert_same_stepwise_decisions(live, sample, n_layers, policies, budget=Budget(0.3)):
+def assert_same_stepwise_decisions(live, sample, n_layers, policies, rope, budget=Budget(0.3)):
     for policy in policies:
-        assert live_steps(live, sample, n_layers, policy, budget) == simulated_steps(sample, n_layers, policy, budget), (
+        assert live_steps(live, sample, n_layers, policy, budget) == simulated_steps(sample, n_layers, policy, budget, rope), (
             policy.name, sample.mode)
 
 
@@ -126,8 +132,8 @@ def tiny_float32_traces(tiny_model, tmp_path_factory):
 def test_every_preset_decides_the_same_prompt_tokens_live_and_simulated(tiny_float32_traces, mode):
     loaded, traceset = tiny_float32_traces
     sample = next(traceset.samples(mode))
-    live = LiveSample(loaded, traceset, sample, WINDOW)
-    assert_same_prefill_decisions(live, sample, traceset.n_layers, PRESETS.values(), (0.1, 0.3))
+    live = LiveSample(loaded, traceset, sample, WINDOW, kvzip=True)
+    assert_same_prefill_decisions(live, sample, traceset.n_layers, PRESETS.values(), (0.1, 0.3), rope_of(traceset))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -135,15 +141,15 @@ def test_every_preset_decides_the_same_prompt_tokens_live_and_simulated(tiny_flo
 def test_stepwise_policies_decide_the_same_tokens_at_every_step(tiny_float32_traces, mode):
     loaded, traceset = tiny_float32_traces
     sample = next(traceset.samples(mode))
-    live = LiveSample(loaded, traceset, sample, WINDOW)
-    assert_same_stepwise_decisions(live, sample, traceset.n_layers, STEPWISE_PRESETS + COMPOSED_STEPWISE)
+    live = LiveSample(loaded, traceset, sample, WINDOW, kvzip=True)
+    assert_same_stepwise_decisions(live, sample, traceset.n_layers, STEPWISE_PRESETS + COMPOSED_STEPWISE, rope_of(traceset))
 
 
 @torch.inference_mode()
 def test_the_simulator_predicts_exactly_the_bytes_the_live_cache_holds(tiny_float32_traces):
     loaded, traceset = tiny_float32_traces
     sample = next(traceset.samples("query-aware"))
-    assert_same_bytes(LiveSample(loaded, traceset, sample, WINDOW), traceset, sample, (0.1, 0.3))
+    assert_same_bytes(LiveSample(loaded, traceset, sample, WINDOW, kvzip=True), traceset, sample, (0.1, 0.3))
 
 
 @pytest.mark.bundled
@@ -152,9 +158,9 @@ def test_live_and_simulated_decisions_are_identical_on_the_bundled_model(bundled
     traceset = capture_float32(bundled_model, tmp_path / "traces", 300, max_new_tokens=3)
     for mode in MODES:
         sample = next(traceset.samples(mode))
-        live = LiveSample(bundled_model, traceset, sample, WINDOW)
-        assert_same_prefill_decisions(live, sample, traceset.n_layers, PRESETS.values(), (0.1, 0.3))
-        assert_same_stepwise_decisions(live, sample, traceset.n_layers, STEPWISE_PRESETS + COMPOSED_STEPWISE[:3])
+        live = LiveSample(bundled_model, traceset, sample, WINDOW, kvzip=True)
+        assert_same_prefill_decisions(live, sample, traceset.n_layers, PRESETS.values(), (0.1, 0.3), rope_of(traceset))
+        assert_same_stepwise_decisions(live, sample, traceset.n_layers, STEPWISE_PRESETS + COMPOSED_STEPWISE[:3], rope_of(traceset))
     assert_same_bytes(live, traceset, sample, (0.1,))
 
 
@@ -162,9 +168,9 @@ def test_live_and_simulated_decisions_are_identical_on_the_bundled_model(bundled
 def test_live_full_policy_reproduces_the_traced_continuation(tiny_float32_traces):
     loaded, traceset = tiny_float32_traces
     sample = next(traceset.samples("query-aware"))
-    outcome = LiveSample(loaded, traceset, sample, WINDOW).run(PRESETS["full"], Budget(0.5))
+    outcome = LiveSample(loaded, traceset, sample, WINDOW, kvzip=True).run(PRESETS["full"], Budget(0.5))
     assert outcome.top1 == 1.0
     assert outcome.kl < 1e-4
     assert outcome.prediction == sample.prediction
-    compressed = LiveSample(loaded, traceset, sample, WINDOW).run(PRESETS["streaming_llm"], Budget(0.05))
+    compressed = LiveSample(loaded, traceset, sample, WINDOW, kvzip=True).run(PRESETS["streaming_llm"], Budget(0.05))
     assert compressed.kl > outcome.kl

@@ -91,3 +91,15 @@ def test_simulate_cli_writes_both_tables_and_refuses_bad_input(tmp_path):
         bad = runner.invoke(app, ["simulate", "--traces", str(traces), "--out", str(tmp_path / "x.parquet"), *args])
         assert bad.exit_code == 2 and message in bad.output, bad.output
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_kvzip_refuses_traces_captured_without_its_statistics(tmp_path):
+    from kvsim.sim import simulate
+
+    traces = synthetic_traceset(tmp_path / "t", prompt_len=40, continuation=4, window=32, kvzip=False)
+    with pytest.raises(KvsimError, match="capture them with `kvsim capture --kvzip`"):
+        simulate(traces, [resolve_policy("kvzip")], [0.5])
+    result = CliRunner().invoke(app, ["simulate", "--traces", str(traces.root), "--policy", "kvzip,snapkv", "--out", str(tmp_path / "r.parquet")])
+    assert result.exit_code == 2 and result.output.count("\n") <= 2 and "--kvzip" in result.output, result.output
+    everything = CliRunner().invoke(app, ["simulate", "--traces", str(traces.root), "--budget", "0.5", "--out", str(tmp_path / "all.parquet")])
+    assert everything.exit_code == 0 and "expected_attention" in everything.output and " kvzip " not in everything.output

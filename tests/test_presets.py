@@ -21,6 +21,7 @@ from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, Budget, CacheView, Policy, resolve_policy
 from kvsim.policies.allocators.uniform import Uniform
 from kvsim.policies.compress import compress_prefill
+from kvsim.policies.rope import Rotary
 from kvsim.policies.schedules import PrefillOnce
 from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
 from kvsim.policies.scorers.random_scores import RandomScores
@@ -67,6 +68,8 @@ class Layer:
             scaling=HEAD_DIM**-0.5,
             colsum=self.colsum,
             colsq=self.colsq,
+            rope=Rotary(tuple(10000.0 ** (-2 * i / HEAD_DIM) for i in range(HEAD_DIM // 2))),
+            reconstruction=self.colsum / LENGTH,  # any [heads, n] scores serve the budget checks
         )
 
     @property
@@ -341,8 +344,12 @@ def kept_positions(keep: torch.Tensor) -> list[set[int]]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Presets checked against kvpress itself, token for token (test_kvpress_agreement.py).
+KVPRESS_CHECKED = {"kvzip", "expected_attention", "adakv_expected_attention", "keydiff", "lagkv", "chunkkv"}
+
+
 def test_every_preset_has_a_check():
-    assert set(PRESETS) == set(REFERENCES) | {"full", "random"}
+    assert set(PRESETS) == set(REFERENCES) | KVPRESS_CHECKED | {"full", "random"}
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))

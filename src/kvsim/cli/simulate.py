@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import polars as pl
@@ -21,9 +22,16 @@ def split_values(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def policies_from_options(values: list[str]) -> list[Policy]:
-    """`--policy` values: preset names, spec files, and 'all' for every preset."""
-    return [resolve_policy(name) for item in split_values(values) for name in (PRESETS if item == "all" else [item])]
+def policies_from_options(values: list[str], statistics: Collection[str] | None = None) -> list[Policy]:
+    """`--policy` values: preset names, spec files, and 'all' for every preset (every one the traces
+    can run, when their `statistics` are given; a preset named explicitly is refused instead)."""
+
+    def expand(item: str) -> list[str]:
+        if item != "all":
+            return [item]
+        return [name for name, preset in PRESETS.items() if statistics is None or preset.requirements() <= set(statistics)]
+
+    return [resolve_policy(name) for item in split_values(values) for name in expand(item)]
 
 
 @reports_errors
@@ -47,7 +55,7 @@ def simulate(
     if mode is not None:
         check_mode(mode)
     traceset = TraceSet.open(traces)
-    policies = policies_from_options(policy)
+    policies = policies_from_options(policy, traceset.statistics)
     budgets = [Budget.parse(value) for value in split_values(budget)]
     ensure_writable_dir(out.parent, "output folder")
     samples = traceset.manifest.height if mode is None else traceset.manifest.filter(pl.col("mode") == mode).height

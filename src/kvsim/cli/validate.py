@@ -53,6 +53,7 @@ def validate_command(
         search = SearchRun(run)
         summary = search.summary()
         traceset = TraceSet.open(summary["traces"])
+        policies = policies_from_options(policy or ["all"], traceset.statistics)
         winners = search.winners(top)
         budgets = list(dict.fromkeys(budget for _, budget in winners))
         pairs = winners + [(preset, budget) for budget in budgets for preset in policies]
@@ -115,7 +116,7 @@ def fidelity_command(
     """
     check_mode(mode)
     traceset = TraceSet.open(traces)
-    policies = policies_from_options(policy)
+    policies = policies_from_options(policy, traceset.statistics)
     budgets = [Budget.parse(value) for value in split_values(budget)]
     if len(policies) * len(budgets) < 3:
         raise KvsimError("rank correlations need at least 3 (policy, budget) pairs: give more policies or budgets")

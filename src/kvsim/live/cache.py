@@ -23,6 +23,7 @@ from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
 from kvsim.policies.held import HeldLayer
 from kvsim.policies.policy import Policy
+from kvsim.policies.rope import Rotary
 
 
 class PolicyCache(Cache):
@@ -44,13 +45,15 @@ class PolicyCache(Cache):
         *,
         window: int | None = None,
         row_splits: Sequence[int] = (),
+        rope: Rotary | None = None,
     ) -> None:
         if policy is not None:
             policy.check_model(n_layers)
         # One query is kept even when the policy reads none, so stepwise rescoring views have a position.
         self.window = window or max(policy.observation_window if policy else 0, 1)
         self.row_splits = tuple(row_splits)
-        super().__init__(layers=[PolicyLayer(index, n_layers, self.window, self.row_splits) for index in range(n_layers)])
+        self.rope = rope  # the model's RoPE, for scorers that rotate queries
+        super().__init__(layers=[PolicyLayer(index, n_layers, self.window, self.row_splits, rope) for index in range(n_layers)])
         self.policy = policy
         self.budget = budget if isinstance(budget, Budget) else Budget(budget)
         self.decided = False
@@ -67,12 +70,18 @@ class PolicyCache(Cache):
         """A cache for `model`, whose attention is switched to `kvsim_live` (plain SDPA without a policy cache)."""
         if model.config._attn_implementation != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
-        return cls(policy, budget, model.config.num_hidden_layers, **kwargs)
+        return cls(policy, budget, model.config.num_hidden_layers, rope=Rotary.from_model(model), **kwargs)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
         activate(self, layer_idx, keys)
         return keys, values
+
+    def set_reconstruction(self, scores: Sequence[torch.Tensor]) -> None:
+        """KVzip's per-layer [heads, prefix] scores (`kvsim.traces.kvzip`), given before the prefill
+        when a policy reads them; each layer puts its own into its prefill view."""
+        for layer, layer_scores in zip(self.layers, scores):
+            layer.reconstruction = layer_scores
 
     def after_attention(self, layer_idx: int) -> None:
         """Called by the attention function after each layer: the last layer's prefill triggers the decision."""
@@ -86,7 +95,9 @@ class PolicyCache(Cache):
             raise KvsimError("with_policy needs a recording cache (PolicyCache.recording) that has run a prefill")
         if policy.observation_window > self.window:
             raise KvsimError(f"policy {policy.name!r} reads {policy.observation_window} queries but {self.window} were recorded")
-        cache = PolicyCache(policy, budget, len(self.layers), window=max(policy.observation_window, 1), row_splits=self.row_splits)
+        cache = PolicyCache(
+            policy, budget, len(self.layers), window=max(policy.observation_window, 1), row_splits=self.row_splits, rope=self.rope
+        )
         for layer, recorded in zip(cache.layers, self.layers):
             layer.adopt_prefill(recorded)
         cache.decide()

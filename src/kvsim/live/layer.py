@@ -20,15 +20,18 @@ from transformers.cache_utils import CacheLayerMixin
 from kvsim.errors import KvsimError
 from kvsim.kernels import causal_attention_column_stats
 from kvsim.policies.held import KV_ELEMENT_BYTES, HeldLayer
+from kvsim.policies.rope import Rotary
 from kvsim.policies.view import CacheView
 
 
 class PolicyLayer(CacheLayerMixin):
     is_sliding = False
 
-    def __init__(self, index: int, n_layers: int, window: int, row_splits: Sequence[int] = ()) -> None:
+    def __init__(self, index: int, n_layers: int, window: int, row_splits: Sequence[int] = (), rope: Rotary | None = None) -> None:
         super().__init__()
         self.index, self.n_layers, self.window, self.row_splits = index, n_layers, window, tuple(row_splits)
+        self.rope = rope  # the model's RoPE, for scorers that rotate queries
+        self.reconstruction: torch.Tensor | None = None  # KVzip's [heads, prefix] scores, when a policy reads them
         self.seen = 0  # tokens this layer has been given, kept or not: the next token's position
         self.prefill_view: CacheView | None = None
         self.held: HeldLayer | None = None  # set once the cache has decided
@@ -96,6 +99,8 @@ class PolicyLayer(CacheLayerMixin):
             colsum=stats.colsum.sum(0),
             colsq=stats.colsq.sum(0),
             cache_windows=False,
+            rope=self.rope,
+            reconstruction=self.reconstruction,
         )
         return stats.output.to(query.dtype).transpose(0, 1).unsqueeze(0)
 

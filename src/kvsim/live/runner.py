@@ -24,6 +24,7 @@ import torch
 from kvsim.live.cache import PolicyCache
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
+from kvsim.traces.kvzip import reconstruction_scores
 from kvsim.traces.models import LoadedModel, eos_token_ids
 from kvsim.traces.store import TraceSample, TraceSet
 from kvsim.traces.workloads import score
@@ -54,7 +55,8 @@ class LiveOutcome:
 class LiveSample:
     """One trace sample, prefilled once on the live model, ready to be run under any policy."""
 
-    def __init__(self, loaded: LoadedModel, traceset: TraceSet, sample: TraceSample, window: int) -> None:
+    def __init__(self, loaded: LoadedModel, traceset: TraceSet, sample: TraceSample, window: int, kvzip: bool = False) -> None:
+        """kvzip: run KVzip's reconstruction pass on the prefix first, for policies that read it."""
         self.loaded, self.sample = loaded, sample
         self.model = loaded.model
         self.ids = sample.input_ids
@@ -66,6 +68,8 @@ class LiveSample:
         self.answer_ids = reference_answer_ids(loaded.tokenizer, sample)
         with torch.inference_mode():
             self.recording = PolicyCache.recording(self.model, window, capture_row_splits(traceset, sample))
+            if kvzip:
+                self.recording.set_reconstruction(reconstruction_scores(self.model, loaded.tokenizer, self.ids[: self.start].tolist()))
             self.first_logits = self.model(self.ids[None, : self.start], past_key_values=self.recording, logits_to_keep=1).logits[0]
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ from kvsim.errors import KvsimError
 from kvsim.live.runner import LiveSample
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
+from kvsim.policies.scorers.kvzip import RECONSTRUCTION
 from kvsim.sim.simulate import LAYER_SCHEMA, simulate_sample, summarize
 from kvsim.traces.models import LoadedModel
 from kvsim.traces.store import TraceSample, TraceSet
@@ -55,12 +56,13 @@ def validate(
     """
     check_model_matches(loaded, traceset)
     for policy, _ in pairs:
-        policy.check_traces(traceset.n_layers, traceset.meta["window"])
+        policy.check_traces(traceset.n_layers, traceset.meta["window"], traceset.statistics)
     window = max(max(policy.observation_window for policy, _ in pairs), 1)
+    kvzip = any(RECONSTRUCTION in policy.requirements() for policy, _ in pairs)
     rows = []
     for sample in samples:
         predicted = _simulated(traceset, sample, pairs)
-        live = LiveSample(loaded, traceset, sample, window)
+        live = LiveSample(loaded, traceset, sample, window, kvzip)
         for policy, budget in pairs:
             outcome = live.run(policy, budget)
             rows.append(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from kvsim.policies.compress import select
 from kvsim.policies.lowbit import PackedTokens, packed_dim
 from kvsim.policies.policy import Policy
+from kvsim.policies.rope import Rotary
 from kvsim.policies.view import CacheView
 
 # Caches are served in fp16/bf16: every byte count is at 2 bytes per element, whatever dtype the
@@ -107,6 +108,7 @@ class HeldLayer:
     colsum: torch.Tensor | None
     window_queries: torch.Tensor
     seen: int
+    rope: Rotary | None = None  # the model's RoPE, for scorers that rotate queries
     rows_since_decision: int = field(default=0)
 
     @classmethod
@@ -125,6 +127,7 @@ class HeldLayer:
             colsum=None,
             window_queries=view.queries[:, view.queries.shape[1] - window :].float(),
             seen=int(view.positions[-1]) + 1,
+            rope=view.rope,
         )
         layer.shrink(view, keep, ~keep, dtype)
         return layer
@@ -262,6 +265,7 @@ class HeldLayer:
             colsum=colsum.permute(0, 2, 1).reshape(kv_heads * group, -1),
             present=present,
             decoding=True,
+            rope=self.rope,
         )
 
     def shrink(self, view: CacheView, kept: torch.Tensor, evicted: torch.Tensor, dtype: torch.dtype) -> None:

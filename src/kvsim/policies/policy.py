@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,20 @@ class Policy:
         """How many recent queries the policy's parts read (0 when none)."""
         return max(getattr(getattr(self, kind), "window", 0) for kind in KINDS)
 
-    def check_traces(self, n_layers: int, window: int) -> None:
-        """Refuse a TraceSet or model the policy cannot run on, with the fix in the message."""
+    def requirements(self) -> frozenset[str]:
+        """Optional trace statistics the policy reads, named by their capture option (e.g. "kvzip")."""
+        return self.scorer.requirements()
+
+    def check_traces(self, n_layers: int, window: int, statistics: Collection[str] | None = None) -> None:
+        """Refuse a TraceSet or model the policy cannot run on, with the fix in the message.
+
+        statistics: the optional statistics the traces hold (`TraceSet.statistics`); None skips the check.
+        """
         self.check_model(n_layers)
+        missing = sorted(self.requirements() - set(statistics)) if statistics is not None else []
+        if missing:
+            options = " ".join(f"--{name}" for name in missing)
+            raise KvsimError(f"policy {self.name!r} needs statistics the traces lack: capture them with `kvsim capture {options}`")
         if self.observation_window > window:
             raise KvsimError(
                 f"policy {self.name!r} reads a {self.observation_window}-query observation window, but the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from kvsim.errors import KvsimError
 from kvsim.policies.allocators.all_tokens import AllTokens
 from kvsim.policies.allocators.cake_preference import CakePreference
+from kvsim.policies.allocators.global_top import GlobalTop
 from kvsim.policies.allocators.head_adaptive import HeadAdaptive
 from kvsim.policies.allocators.prefix_mass import PrefixMass
 from kvsim.policies.allocators.pyramid import Pyramid
@@ -22,8 +23,12 @@ from kvsim.policies.retention import Merge, Quantize
 from kvsim.policies.schedules import EveryStep, Lagged, PrefillOnce
 from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
 from kvsim.policies.scorers.cake_indicator import CakeIndicator
+from kvsim.policies.scorers.expected_attention import ExpectedAttention
 from kvsim.policies.scorers.global_local import GlobalLocal
+from kvsim.policies.scorers.key_diff import KeyDiff
 from kvsim.policies.scorers.key_norm import KeyNorm
+from kvsim.policies.scorers.kvzip import KVzip
+from kvsim.policies.scorers.lag_kv import LagKV
 from kvsim.policies.scorers.last_query import LastQuery
 from kvsim.policies.scorers.random_scores import RandomScores
 from kvsim.policies.scorers.recency import Recency
@@ -121,6 +126,24 @@ PRESETS: dict[str, Policy] = {
         Policy("mikv", AccumulatedAttention(gqa="mean"), Uniform(), PrefillOnce(recent=WINDOW), Quantize(nbits=2)),
         # Knorm (kvpress KnormPress): keep the lowest-norm keys, nothing protected.
         Policy("knorm", KeyNorm(), Uniform()),
+        # The query-agnostic methods leading kvpress's leaderboard, with kvpress 0.5's defaults; their
+        # sink tokens are protected inside the scores, as kvpress does, so allocators count them alike.
+        # KVzip: attention received while the model repeats the prefix (capture --kvzip), 4 sinks,
+        # budgets competed for across all layers and heads (kvpress's layerwise=False).
+        Policy("kvzip", KVzip(sinks=4), GlobalTop()),
+        # Expected Attention: expected attention of the next 512 queries from the statistics of the
+        # last 32 (kvpress uses all prompt queries after the sinks), 4 sinks, value-norm rescaled.
+        Policy("expected_attention", ExpectedAttention(window=WINDOW, future=512, sinks=4), Uniform()),
+        # kvpress's AdaKVPress(ExpectedAttentionPress()): the same scores, head-adaptive budgets,
+        # alpha_safeguard 0.2 (Ada-KV's budget rule, see head_adaptive; kvpress's differs slightly).
+        Policy("adakv_expected_attention", ExpectedAttention(window=WINDOW, future=512, sinks=4), HeadAdaptive(alpha=0.2)),
+        # KeyDiff: keys least similar to the mean key, nothing protected (kvpress KeyDiffPress).
+        Policy("keydiff", KeyDiff(), Uniform()),
+        # LagKV: each 128-token partition scored against the next one's range, 4 sinks, the last
+        # partition kept (kvpress LagKVPress defaults).
+        Policy("lagkv", LagKV(sinks=4, lag=128), Uniform()),
+        # ChunkKV over SnapKV's scores: whole 10-token chunks (the paper's chunk size), window kept.
+        Policy("chunkkv", WindowAttention(window=WINDOW, pool="chunk", kernel=10), Uniform(), PrefillOnce(recent=WINDOW)),
     ]
 }
 

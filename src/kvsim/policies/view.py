@@ -9,6 +9,7 @@ from functools import cached_property
 import torch
 
 from kvsim.errors import KvsimError
+from kvsim.policies.rope import Rotary
 
 
 @dataclass
@@ -26,6 +27,11 @@ class CacheView:
     present: [kv_heads, n] bool, or None when every head holds every token. Heads evict
         independently, so after per-head eviction a view spans the union of what the heads hold
         and `present` says which head holds what; scorers' results are ignored where it is False.
+    rope: the model's rotary embedding, for scorers that move queries to other positions; None
+        when unknown.
+    reconstruction: [heads, n] float32, KVzip's scores (the most attention each token received
+        while the model repeated the compressed prefix, `kvsim.traces.kvzip`), or None when not
+        recorded (capture --kvzip).
     """
 
     layer: int
@@ -44,6 +50,8 @@ class CacheView:
     # Keep each window's attention once computed: the simulator reuses one view for many policies;
     # the live cache, which holds every layer's view until the last layer decides, does not.
     cache_windows: bool = True
+    rope: Rotary | None = None
+    reconstruction: torch.Tensor | None = None
 
     @property
     def kv_heads(self) -> int:

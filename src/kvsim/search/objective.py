@@ -140,7 +140,8 @@ class Objective:
         trial.set_user_attr("policy", policy.to_spec())
         trial.set_user_attr("budget", budget.value)
         try:
-            policy.check_traces(self.evaluator.traceset.n_layers, self.evaluator.traceset.meta["window"])
+            traceset = self.evaluator.traceset
+            policy.check_traces(traceset.n_layers, traceset.meta["window"], traceset.statistics)
             proxy = self._proxy(trial, policy, budget)
         except KvsimError as err:
             trial.set_user_attr("infeasible", str(err))

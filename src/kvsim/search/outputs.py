@@ -140,7 +140,8 @@ def score_on_validation(
     if winners:
         budget = Budget(winners[0].budget)
         drawn = _preset_trials(study, budget)
-        presets = [scored(name, policy, budget, drawn.get(name)) for name, policy in PRESETS.items()]
+        statistics = prepared.traceset.statistics  # presets reading statistics the traces lack (kvzip) cannot run
+        presets = [scored(name, policy, budget, drawn.get(name)) for name, policy in PRESETS.items() if policy.requirements() <= statistics]
     return winners, presets
 
 

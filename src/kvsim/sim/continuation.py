@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsim.policies.rope import Rotary
 from kvsim.policies.view import CacheView
 from kvsim.traces.store import TraceSample
 
@@ -75,9 +76,9 @@ def continuation_attention(sample: TraceSample, layer: int, window: int) -> Cont
     )
 
 
-def prefill_view(sample: TraceSample, layer: int, n_layers: int, window: int) -> CacheView:
+def prefill_view(sample: TraceSample, layer: int, n_layers: int, window: int, rope: Rotary | None = None) -> CacheView:
     """The cache a policy sees at the end of the prompt: all prompt tokens, the window's queries,
-    and the column statistics over every prompt query."""
+    the column statistics over every prompt query, and KVzip's scores when captured."""
     trace = sample.layer(layer)
     prompt = sample.prompt_len
     head_dim = trace.k.shape[-1]
@@ -92,4 +93,6 @@ def prefill_view(sample: TraceSample, layer: int, n_layers: int, window: int) ->
         scaling=head_dim_scaling(head_dim),
         colsum=trace.colsum,
         colsq=trace.colsq,
+        rope=rope,
+        reconstruction=trace.kvzip,
     )

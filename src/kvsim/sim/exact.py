@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from kvsim.live.runner import LiveSample, TeacherForced
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
+from kvsim.policies.scorers.kvzip import RECONSTRUCTION
 from kvsim.traces.models import LoadedModel
 from kvsim.traces.store import TraceSet
 
@@ -54,7 +55,9 @@ class ExactEvaluator:
     def live_sample(self, sample_id: str) -> LiveSample:
         if sample_id not in self._samples:
             sample = self.traceset.sample(sample_id, self.mode)
-            self._samples[sample_id] = LiveSample(self.loaded, self.traceset, sample, self.traceset.meta["window"])
+            # KVzip's reconstruction pass runs when the traces hold its statistics, so its policies rank here too.
+            kvzip = RECONSTRUCTION in self.traceset.statistics
+            self._samples[sample_id] = LiveSample(self.loaded, self.traceset, sample, self.traceset.meta["window"], kvzip)
         return self._samples[sample_id]
 
     def evaluate(self, policy: Policy, budget: Budget, sample_id: str) -> TeacherForced:

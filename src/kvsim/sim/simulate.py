@@ -20,6 +20,7 @@ import polars as pl
 
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
+from kvsim.policies.rope import Rotary
 from kvsim.policies.view import CacheView
 from kvsim.sim.continuation import ContinuationAttention, continuation_attention, prefill_view
 from kvsim.sim.oracle import oracle_keeps
@@ -48,7 +49,7 @@ def simulate(
 ) -> Simulation:
     budgets = [b if isinstance(b, Budget) else Budget(b) for b in budgets]
     for policy in policies:
-        policy.check_traces(traceset.n_layers, traceset.meta["window"])
+        policy.check_traces(traceset.n_layers, traceset.meta["window"], traceset.statistics)
     rows = []
     for sample in traceset.samples(mode):
         rows += simulate_sample(traceset, sample, policies, budgets, oracle)
@@ -77,7 +78,8 @@ class PreparedSample:
 
 def prepare_sample(traceset: TraceSet, sample: TraceSample) -> PreparedSample:
     n_layers, window = traceset.n_layers, traceset.meta["window"]
-    views = [prefill_view(sample, layer, n_layers, window) for layer in range(n_layers)]
+    rope = Rotary.from_meta(traceset.meta["model"].get("rope"))
+    views = [prefill_view(sample, layer, n_layers, window, rope) for layer in range(n_layers)]
     fulls = [continuation_attention(sample, layer, window) for layer in range(n_layers)]
     return PreparedSample(sample, views, fulls)
 

@@ -18,6 +18,8 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 import kvsim
 from kvsim.errors import KvsimError
+from kvsim.policies.rope import Rotary
+from kvsim.traces.kvzip import reconstruction_scores
 from kvsim.traces.models import LoadedModel, eos_token_ids
 from kvsim.traces.prompt import RenderedPrompt, render_prompt
 from kvsim.traces.recorder import ForwardRecorder, recording
@@ -32,13 +34,15 @@ class CaptureSettings:
     """window: prompt positions whose queries are kept (the observation window policies score with).
     max_new_tokens: length cap of the full-cache greedy continuation.
     top_k: log-probabilities kept per continuation position, for fidelity metrics.
-    storage_dtype: dtype of stored keys, values and queries (statistics stay float32)."""
+    storage_dtype: dtype of stored keys, values and queries (statistics stay float32).
+    kvzip: also run KVzip's reconstruction pass per mode and store its scores (`kvsim.traces.kvzip`)."""
 
     window: int = 64
     max_new_tokens: int = 32
     top_k: int = 20
     storage_dtype: str = "float16"
     modes: tuple[str, ...] = ("query-aware",)
+    kvzip: bool = False
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -65,6 +69,7 @@ class CapturedSample:
     query_start: int
     logprobs: torch.Tensor  # [rows, vocab] log-softmax for positions logprob_start−1 … total−2
     logprob_start: int
+    reconstruction: dict[str, list[torch.Tensor]]  # per mode, per layer [heads, compressed prefix], when asked
 
 
 def compressed_len(prompt: RenderedPrompt, mode: str) -> int:
@@ -122,6 +127,10 @@ def record_sample(
         query_start=first - settings.window,
         logprobs=torch.log_softmax(torch.cat(rows).float(), dim=-1),
         logprob_start=first,
+        reconstruction={
+            mode: reconstruction_scores(model, loaded.tokenizer, prompt.input_ids[: compressed_len(prompt, mode)])
+            for mode in (settings.modes if settings.kvzip else ())
+        },
     )
 
 
@@ -148,6 +157,8 @@ def sample_tensors(captured: CapturedSample, mode: str, settings: CaptureSetting
         tensors[f"layers.{i}.q"] = q[:, first_query:].to(dtype=dtype, copy=True)
         tensors[f"layers.{i}.colsum"] = captured.colsum[i][column_groups].sum(0)[:, :start].contiguous()
         tensors[f"layers.{i}.colsq"] = captured.colsq[i][column_groups].sum(0)[:, :start].contiguous()
+        if mode in captured.reconstruction:
+            tensors[f"layers.{i}.kvzip"] = captured.reconstruction[mode][i].contiguous()
     return tensors
 
 
@@ -185,6 +196,7 @@ def traceset_metadata(loaded: LoadedModel, settings: CaptureSettings, workload: 
         "heads": heads,
         "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "rope": Rotary.from_model(loaded.model).to_meta(),
     }
     capture = asdict(settings)
     capture.pop("modes")

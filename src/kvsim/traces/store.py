@@ -27,7 +27,9 @@ from kvsim.errors import KvsimError
 from kvsim.paths import sha256_file, write_atomically
 from kvsim.traces.tensorfile import TensorFileError, map_tensors, read_header
 
-FORMAT_VERSION = 1
+# 2: the model's RoPE frequencies in the metadata (`model.rope`) and, when captured with --kvzip
+# (`kvzip: true`), KVzip's reconstruction scores per layer (`layers.<i>.kvzip`).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.parquet"
 SAMPLES_DIR = "samples"
 METADATA_KEY = "kvsim"
@@ -40,7 +42,7 @@ def check_mode(mode: str) -> None:
         raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
 
 # Set metadata that must match for a re-run to resume into an existing folder.
-RESUME_KEYS = ("format_version", "model", "storage_dtype", "window", "max_new_tokens", "top_k", "workload")
+RESUME_KEYS = ("format_version", "model", "storage_dtype", "window", "max_new_tokens", "top_k", "kvzip", "workload")
 
 MANIFEST_SCHEMA = {
     "sample_id": pl.String,
@@ -67,13 +69,15 @@ MANIFEST_SCHEMA = {
 @dataclass(frozen=True)
 class LayerTrace:
     """One layer of one sample. Shapes: k, v [kv_heads, total_len, head_dim];
-    q [heads, window + total_len − prompt_len, head_dim]; colsum, colsq [heads, prompt_len] (float32)."""
+    q [heads, window + total_len − prompt_len, head_dim]; colsum, colsq [heads, prompt_len] (float32);
+    kvzip [heads, prompt_len] (float32), KVzip's reconstruction scores, None unless captured with --kvzip."""
 
     k: torch.Tensor
     v: torch.Tensor
     q: torch.Tensor
     colsum: torch.Tensor
     colsq: torch.Tensor
+    kvzip: torch.Tensor | None = None
 
 
 class TraceSample:
@@ -99,7 +103,7 @@ class TraceSample:
     def layer(self, index: int) -> LayerTrace:
         t = self.tensors
         prefix = f"layers.{index}."
-        return LayerTrace(*(t[prefix + part] for part in ("k", "v", "q", "colsum", "colsq")))
+        return LayerTrace(*(t[prefix + part] for part in ("k", "v", "q", "colsum", "colsq")), t.get(prefix + "kvzip"))
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -178,6 +182,11 @@ class TraceSet:
     def n_layers(self) -> int:
         return self.meta["model"]["n_layers"]
 
+    @property
+    def statistics(self) -> frozenset[str]:
+        """The optional statistics captured, named by their capture option (what `Policy.check_traces` checks)."""
+        return frozenset({"kvzip"}) if self.meta.get("kvzip") else frozenset()
+
     def is_complete(self, sample_id: str, mode: str) -> bool:
         """True when the sample is in the manifest and its file still has the recorded checksum."""
         rows = self.manifest.filter((pl.col("sample_id") == sample_id) & (pl.col("mode") == mode))
@@ -252,4 +261,6 @@ def expected_shapes(meta: dict, row: dict) -> dict[str, list[int]]:
         shapes[f"layers.{layer}.q"] = [heads, meta["window"] + continuation, head_dim]
         shapes[f"layers.{layer}.colsum"] = [heads, prompt]
         shapes[f"layers.{layer}.colsq"] = [heads, prompt]
+        if meta.get("kvzip"):
+            shapes[f"layers.{layer}.kvzip"] = [heads, prompt]
     return shapes

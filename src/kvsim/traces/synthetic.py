@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kvsim.kernels import causal_attention_column_stats
+from kvsim.policies.rope import Rotary
 from kvsim.traces.store import TraceSet
 
 
@@ -27,16 +28,22 @@ def synthetic_traceset(
     needle: tuple[int, int] | None = None,
     seed: int = 0,
     mode: str = "query-aware",
+    kvzip: bool = True,
 ) -> TraceSet:
     heads, total = kv_heads * group, prompt_len + continuation
     generator = torch.Generator().manual_seed(seed)
     meta = {
-        "model": {"id": "synthetic", "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim},
+        "model": {
+            "id": "synthetic", "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            # Llama's default RoPE (theta 10000): synthetic keys are not rotated, but rotating scorers need frequencies.
+            "rope": Rotary(tuple(10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2))).to_meta(),
+        },
         "window": window,
         "top_k": top_k,
         "storage_dtype": "float32",
         "max_new_tokens": continuation,
         "workload": {"spec": "synthetic", "seed": seed},
+        "kvzip": kvzip,
     }
     traceset = TraceSet.create(root, meta)
     for index in range(samples):
@@ -56,6 +63,8 @@ def synthetic_traceset(
             tensors[f"layers.{layer}.q"] = queries[:, prompt_len - window :].contiguous()
             tensors[f"layers.{layer}.colsum"] = stats.colsum[0]
             tensors[f"layers.{layer}.colsq"] = stats.colsq[0]
+            if kvzip:  # random stand-ins for KVzip's reconstruction scores (attention maxima in [0, 1])
+                tensors[f"layers.{layer}.kvzip"] = torch.rand(heads, prompt_len, generator=generator)
         spans = [list(needle)] if needle else []
         row = {
             "sample_id": f"synthetic-{index:04d}",

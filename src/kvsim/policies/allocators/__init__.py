@@ -4,6 +4,7 @@ from kvsim.policies.allocators import (  # noqa: F401
     all_tokens,
     cake_preference,
     free_vector,
+    global_top,
     head_adaptive,
     prefix_mass,
     pyramid,
