@@ -42,8 +42,8 @@ STEPWISE_PRESETS = [policy for policy in PRESETS.values() if policy.schedule.int
 # Compositions the search draws: pooled and unpooled scorers, every_step and lagged, every retention.
 COMPOSED_STEPWISE = [
     Policy("pooled-window-every-step", WindowAttention(window=8, pool="max", kernel=7), Uniform(), EveryStep(recent=4)),
-    Policy("avg-pooled-window-lagged", WindowAttention(window=16, pool="avg", kernel=5, gqa="max"), HeadAdaptive(alpha=0.2, recent=4), Lagged(sinks=1, recent=4, every=2)),
-    Policy("cake-lagged", CakeIndicator(window=8, kernel=5), Pyramid(beta=5, recent=4), Lagged(recent=8, every=3)),
+    Policy("avg-pooled-window-lagged", WindowAttention(window=16, pool="avg", kernel=5, gqa="max"), HeadAdaptive(alpha=0.2), Lagged(sinks=1, recent=4, every=2)),
+    Policy("cake-lagged", CakeIndicator(window=8, kernel=5), Pyramid(beta=5), Lagged(recent=8, every=3)),
     Policy("accumulated-every-step-quantize", AccumulatedAttention(gqa="max"), Uniform(), EveryStep(sinks=2, recent=4), Quantize(nbits=4)),
     Policy("recurrence-lagged-merge", Recurrence(window=8), Uniform(), Lagged(recent=4, every=2), Merge(threshold=0.2)),
     Policy("last-query-every-step-quantize", LastQuery(), HeadAdaptive(alpha=0.5), EveryStep(), Quantize(nbits=2)),
