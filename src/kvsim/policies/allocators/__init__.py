@@ -5,6 +5,7 @@ from kvsim.policies.allocators import (  # noqa: F401
     cake_preference,
     free_vector,
     head_adaptive,
+    knots,
     prefix_mass,
     pyramid,
     retrieval_heads,

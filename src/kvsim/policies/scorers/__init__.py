@@ -6,6 +6,7 @@ from kvsim.policies.scorers import (  # noqa: F401
     global_local,
     key_norm,
     last_query,
+    mixture,
     random_scores,
     recency,
     recurrence,
