@@ -38,6 +38,7 @@ def select(policy: Policy, view: CacheView, scores: torch.Tensor, budgets: torch
 
 
 def compress_prefill(policy: Policy, views: Sequence[CacheView], budget: Budget, prompt_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(kept mask per layer [kv_heads, n], budgets [n_layers, kv_heads])."""
+    """(full-precision kept mask per layer [kv_heads, n], budgets [n_layers, kv_heads]). A retention
+    that spends part of the budget on low precision keeps fewer at full precision (`full_budgets`)."""
     scores, budgets = allocate(policy, views, budget, prompt_len)
-    return [select(policy, view, s, b) for view, s, b in zip(views, scores, budgets)], budgets
+    return [select(policy, view, s, policy.retention.full_budgets(b)) for view, s, b in zip(views, scores, budgets)], budgets
