@@ -16,6 +16,7 @@ from kvsim.policies.allocators.base import Protected
 from kvsim.policies.allocators.cake_preference import CakePreference
 from kvsim.policies.allocators.free_vector import FreeVector
 from kvsim.policies.allocators.head_adaptive import HeadAdaptive
+from kvsim.policies.allocators.knots import Knots
 from kvsim.policies.allocators.prefix_mass import PrefixMass
 from kvsim.policies.allocators.pyramid import Pyramid
 from kvsim.policies.allocators.retrieval_heads import RetrievalHeads
@@ -84,6 +85,7 @@ def allocators_for(draw, n_layers: int) -> list:
         VarianceSoftmax(),
         FreeVector(weights=tuple(draw(st.lists(st.floats(0.01, 100.0), min_size=n_layers, max_size=n_layers)))),
         RetrievalHeads(retrieval_ratio=draw(st.floats(0.0, 1.0)), window=draw(st.integers(1, QUERY_WINDOW))),
+        Knots(knots=tuple(draw(st.lists(st.floats(0.1, 10.0), min_size=1, max_size=5))), head_strength=draw(st.floats(0.0, 1.0))),
     ]
 
 
@@ -105,7 +107,8 @@ def test_every_allocator_meets_the_total_exactly_within_caps(cache, data):
 @given(cache=caches())
 def test_layerwise_allocators_give_every_head_of_a_layer_the_same_budget(cache):
     views, scores, per_head = cache
-    for allocator in (Pyramid(), CakePreference(window=4), PrefixMass(), VarianceSoftmax(), FreeVector(weights=(1.0,) * len(views))):
+    layerwise = (Pyramid(), CakePreference(window=4), PrefixMass(), VarianceSoftmax(), FreeVector(weights=(1.0,) * len(views)), Knots(knots=(3.0, 1.0, 2.0)))
+    for allocator in layerwise:
         budgets = allocator.allocate(views, scores, per_head, Protected(recent=4))
         assert bool((budgets == budgets[:, :1]).all()), allocator.name
 
@@ -123,6 +126,27 @@ def test_pyramid_is_a_real_pyramid_for_a_small_budget():
     budgets = Pyramid(beta=20).allocate(views, [None] * 8, 40, Protected(recent=8))[:, 0]
     assert budgets[0] > 2 * budgets[-1]
     assert budgets[-1] >= 8  # the window is added back to every layer, as in the reference
+
+
+def test_knots_interpolate_a_depth_profile_over_the_unprotected_budget():
+    views = make_views([200] * 5, 2, 1, seed=0)
+    profile = Knots(knots=(4.0, 1.0, 2.0)).profile(5)
+    assert profile.tolist() == [4.0, 2.5, 1.0, 1.5, 2.0]  # knots at depths 0, 1/2, 1
+    # 8 protected tokens per layer, the other 5 · 22 = 110 split 4 : 2.5 : 1 : 1.5 : 2 (of 11).
+    budgets = Knots(knots=(4.0, 1.0, 2.0)).allocate(views, [None] * 5, 30, Protected(sinks=2, recent=6))[:, 0]
+    assert budgets.tolist() == [8 + 40, 8 + 25, 8 + 10, 8 + 15, 8 + 20]
+    assert Knots(knots=(5.0,)).allocate(views, [None] * 5, 40).tolist() == [[40, 40]] * 5  # one knot: flat
+
+
+@settings(max_examples=30, deadline=None)
+@given(cache=caches(equal_lengths=True), alpha=st.floats(0.0, 1.0), sinks=st.integers(0, 4), recent=st.integers(0, 12))
+def test_knots_head_strength_is_ada_kv_head_competition(cache, alpha, sinks, recent):
+    # A flat profile over equal layers gives every layer the per-head budget; the heads then compete
+    # exactly as in head_adaptive with alpha = 1 − head_strength.
+    views, scores, per_head = cache
+    protected = Protected(sinks, recent)
+    knots = Knots(knots=(1.0, 1.0), head_strength=1.0 - alpha).allocate(views, scores, per_head, protected)
+    assert knots.tolist() == HeadAdaptive(alpha=alpha).allocate(views, scores, per_head, protected).tolist()
 
 
 def test_all_tokens_ignores_the_budget():
@@ -232,6 +256,9 @@ def test_free_vector_round_trips_and_is_searched_with_the_layer_count():
         ("allocator", {"name": "cake_preference", "tau1": 0.0}, "tau1 must be > 0"),
         ("allocator", {"name": "cake_preference", "window": 1}, "window must be >= 2"),
         ("allocator", {"name": "free_vector"}, "non-empty"),
+        ("allocator", {"name": "knots", "knots": []}, "knots must be a non-empty list"),
+        ("allocator", {"name": "knots", "knots": [1.0, 0.0]}, "knots must all be positive"),
+        ("allocator", {"name": "knots", "head_strength": 2.0}, "head_strength must be in \\[0, 1\\]"),
         ("allocator", {"name": "free_vector", "weights": [1.0, -2.0]}, "positive"),
         ("allocator", {"name": "free_vector", "weights": 3}, "must be a list"),
         ("allocator", {"name": "retrieval_heads", "retrieval_ratio": 2.0}, "retrieval_ratio must be in"),

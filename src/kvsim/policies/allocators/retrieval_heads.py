@@ -15,7 +15,7 @@ RazorAttention preset protects 4 sinks and a 32-token recent window), and the to
 `retrieval_ratio` of all pairs (rounded, ties to the lower layer/head) are retrieval heads.
 
 Budgets (exact total): retrieval heads get their full length, unless that would leave the others
-less than min(B, sinks + local) each, in which case they share what is left above that; the other
+less than min(B, sinks + local) each (at least one), in which case they share what is left above that; the other
 heads share the rest uniformly. The paper's compensation token (the mean of the dropped keys and
 values) is not modelled. Pair with the `recency` scorer, so that streaming heads keep the sinks
 and then the most recent tokens.
@@ -65,7 +65,7 @@ class RetrievalHeads(Allocator):
         retrieval = torch.zeros(far.numel(), dtype=torch.bool)
         retrieval[torch.sort(far, descending=True, stable=True).indices[:count]] = True
         total = per_head * far.numel()
-        streaming_min = protected.reserved(per_head)
+        streaming_min = max(1, protected.reserved(per_head))  # every head keeps a token, as `apportion` floors
         retrieval_total = min(int(caps[retrieval].sum()), total - streaming_min * int((~retrieval).sum()))
         budgets = torch.zeros_like(caps)
         if retrieval.any():
