@@ -6,7 +6,9 @@ On a sample captured in float32 from the same model, in both evaluation modes:
   merge and quantize retention) keep the same positions at every decode step: the live cache's
   layers are fed the captured continuation's keys, values and queries (what the model hands them
   when it runs the reference continuation) and compared with the simulator's replay row by row;
-- the simulator's `kv_bytes` is exactly what the live cache holds after the prompt's decision.
+- the simulator's `kv_bytes` is exactly what the live cache holds after the prompt's decision;
+- mixed precision (quantize inside the budget) holds the same full- and low-precision tokens live
+  and simulated, and no more bytes than dropping at the same budget.
 KVzip is included: capture and the live cache run the same reconstruction pass.
 """
 
@@ -17,19 +19,23 @@ import torch
 
 from kvsim.live.runner import LiveSample
 from kvsim.policies.allocators.head_adaptive import HeadAdaptive
+from kvsim.policies.allocators.knots import Knots
 from kvsim.policies.allocators.pyramid import Pyramid
 from kvsim.policies.allocators.uniform import Uniform
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
 from kvsim.policies.policy import Policy
 from kvsim.policies.presets import PRESETS
-from kvsim.policies.retention import Merge, Quantize
+from kvsim.policies.held import handed_to_retention
+from kvsim.policies.retention import Merge, MixedPrecision, Quantize
 from kvsim.policies.rope import Rotary
-from kvsim.policies.schedules import EveryStep, Lagged
+from kvsim.policies.schedules import EveryStep, Lagged, PrefillOnce
 from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
 from kvsim.policies.scorers.cake_indicator import CakeIndicator
 from kvsim.policies.scorers.global_local import GlobalLocal
+from kvsim.policies.scorers.key_norm import KeyNorm
 from kvsim.policies.scorers.last_query import LastQuery
+from kvsim.policies.scorers.mixture import Mixture
 from kvsim.policies.scorers.recurrence import Recurrence
 from kvsim.policies.scorers.window_attention import WindowAttention
 from kvsim.sim.continuation import continuation_attention, prefill_view
@@ -44,12 +50,30 @@ STEPWISE_PRESETS = [policy for policy in PRESETS.values() if policy.schedule.int
 # Compositions the search draws: pooled and unpooled scorers, every_step and lagged, every retention.
 COMPOSED_STEPWISE = [
     Policy("pooled-window-every-step", WindowAttention(window=8, pool="max", kernel=7), Uniform(), EveryStep(recent=4)),
-    Policy("avg-pooled-window-lagged", WindowAttention(window=16, pool="avg", kernel=5, gqa="max"), HeadAdaptive(alpha=0.2, recent=4), Lagged(sinks=1, recent=4, every=2)),
-    Policy("cake-lagged", CakeIndicator(window=8, kernel=5), Pyramid(beta=5, recent=4), Lagged(recent=8, every=3)),
+    Policy("avg-pooled-window-lagged", WindowAttention(window=16, pool="avg", kernel=5, gqa="max"), HeadAdaptive(alpha=0.2), Lagged(sinks=1, recent=4, every=2)),
+    Policy("cake-lagged", CakeIndicator(window=8, kernel=5), Pyramid(beta=5), Lagged(recent=8, every=3)),
     Policy("accumulated-every-step-quantize", AccumulatedAttention(gqa="max"), Uniform(), EveryStep(sinks=2, recent=4), Quantize(nbits=4)),
     Policy("recurrence-lagged-merge", Recurrence(window=8), Uniform(), Lagged(recent=4, every=2), Merge(threshold=0.2)),
     Policy("last-query-every-step-quantize", LastQuery(), HeadAdaptive(alpha=0.5), EveryStep(), Quantize(nbits=2)),
     Policy("global-local-every-step", GlobalLocal(local_weight=0.3, window=8), Uniform(), EveryStep(sinks=4, recent=4)),
+    Policy(
+        "mixture-knots-every-step-mixed",
+        Mixture(scorers=(WindowAttention(window=8), KeyNorm()), weights=(0.7, 0.3)),
+        Knots(knots=(2.0, 0.5, 1.0), head_strength=0.5),
+        EveryStep(sinks=1, recent=4),
+        MixedPrecision(nbits=2, full_share=0.5),
+    ),
+]
+MIXED_PRECISION = [
+    Policy("window-mixed", WindowAttention(window=8), Uniform(), PrefillOnce(recent=4), MixedPrecision(nbits=2, full_share=0.5)),
+    Policy(
+        "mixture-knots-mixed",
+        Mixture(scorers=(WindowAttention(window=16, pool="avg", kernel=5), AccumulatedAttention(gqa="max")), weights=(0.5, 0.5), normalize="z"),
+        Knots(knots=(2.0, 0.5, 1.0), head_strength=0.7),
+        PrefillOnce(sinks=1, recent=4),
+        MixedPrecision(nbits=4, full_share=0.3),
+    ),
+    COMPOSED_STEPWISE[-1],
 ]
 
 
@@ -122,6 +146,25 @@ def assert_same_bytes(live, traceset, sample, budgets):
             assert live.recording.with_policy(policy, Budget(value)).held_bytes() == predicted, (policy.name, value)
 
 
+def assert_same_mixed_precision(live, traceset, sample, budgets):
+    """Same full- and low-precision positions per head live and simulated (the one choice,
+    `handed_to_retention`, made on each side's own prefill view), same bytes, within dropping's."""
+    prepared = prepare_sample(traceset, sample)
+    for policy in MIXED_PRECISION:
+        for value in budgets:
+            keeps, layer_budgets = compress_prefill(policy, prepared.views, Budget(value), sample.prompt_len)
+            cache = live.recording.with_policy(policy, Budget(value))
+            for layer, (view, keep, heads) in enumerate(zip(prepared.views, keeps, layer_budgets)):
+                held = cache.layers[layer].held
+                low = handed_to_retention(policy, view, keep, heads)
+                assert [p.tolist() for p in held.kept_positions()] == positions_of(keep), (policy.name, value, layer)
+                assert [p.tolist() for p in held.low.per_head(held.low.positions)] == positions_of(low), (policy.name, value, layer)
+            predicted = sum(outcome.kv_bytes for outcome in prepared.replay(policy, Budget(value)))
+            dropping = sum(outcome.kv_bytes for outcome in prepared.replay(PRESETS["snapkv"], Budget(value)))
+            assert cache.held_bytes() == predicted <= dropping, (policy.name, value)
+            assert cache.held_tokens()[1] > 0
+
+
 @pytest.fixture(scope="module")
 def tiny_float32_traces(tiny_model, tmp_path_factory):
     return tiny_model, capture_float32(tiny_model, tmp_path_factory.mktemp("live-sim") / "traces", 200)
@@ -150,6 +193,13 @@ def test_the_simulator_predicts_exactly_the_bytes_the_live_cache_holds(tiny_floa
     loaded, traceset = tiny_float32_traces
     sample = next(traceset.samples("query-aware"))
     assert_same_bytes(LiveSample(loaded, traceset, sample, WINDOW, kvzip=True), traceset, sample, (0.1, 0.3))
+
+
+@torch.inference_mode()
+def test_mixed_precision_holds_the_same_tokens_live_and_simulated_within_droppings_bytes(tiny_float32_traces):
+    loaded, traceset = tiny_float32_traces
+    sample = next(traceset.samples("query-aware"))
+    assert_same_mixed_precision(LiveSample(loaded, traceset, sample, WINDOW, kvzip=True), traceset, sample, (0.1, 0.3))
 
 
 @pytest.mark.bundled

@@ -306,7 +306,9 @@ def ref_razor(layers):
     for i, b in zip(others, apportion([1] * len(others), total - retrieval_total, [LENGTH] * len(others))):
         flat[i] = b
     budgets = [flat[layer * KV_HEADS : (layer + 1) * KV_HEADS] for layer in range(LAYERS)]
-    return [shared(np.arange(LENGTH, dtype=float)) for _ in layers], budgets, 4, 0
+    # The local window is protected by the schedule; under the recency score that keeps the same
+    # tokens as sinks + the most recent ones.
+    return [shared(np.arange(LENGTH, dtype=float)) for _ in layers], budgets, 4, local
 
 
 def ref_lazy(layers):
@@ -325,6 +327,7 @@ REFERENCES = {
     "pyramidkv": ref_pyramidkv,
     "adakv": ref_adakv,
     "cake": ref_cake,
+    "cake_prefill": ref_cake,  # CAKE's prefill decision; it only stops evicting while decoding
     "prefixkv": ref_prefixkv,
     "d2o": ref_d2o,
     "ems": ref_ems,

@@ -49,6 +49,26 @@ def kv_bytes(full_tokens: int, low_tokens: int, head_dim: int, bits: int | None)
     return full_tokens * token_bytes(head_dim) + (low_tokens * token_bytes(head_dim, bits) if low_tokens else 0)
 
 
+def handed_to_retention(policy: Policy, view: CacheView, kept: torch.Tensor, budgets: torch.Tensor | None) -> torch.Tensor:
+    """[kv, n] bool: the tokens of `view` not `kept` at full precision that the retention receives.
+
+    Every evicted token, unless the retention spends part of each head's budget on low precision
+    (`budgets` [kv] the heads' budgets, `kept` the full-precision tokens): then the next-best tokens
+    by the policy's own selection rule (sinks, recent window, scores), as many as the bytes left
+    buy (`Retention.low_budgets`). The simulator and the live cache both ask here.
+    """
+    evicted = ~kept if view.present is None else view.present & ~kept
+    retention, head_dim = policy.retention, view.keys.shape[-1]
+    full = kept.sum(1)
+    low = None if budgets is None else retention.low_budgets(budgets, full, token_bytes(head_dim), token_bytes(head_dim, retention.bits()))
+    if low is None:
+        return evicted
+    if not bool(low.any()):
+        return torch.zeros_like(kept)
+    readable = select(policy, view, policy.scorer.score(view), (full + low).clamp(max=view.length))
+    return readable & evicted
+
+
 @dataclass
 class Segments:
     """Per-KV-head token lists in one flat tensor: head 0's rows, then head 1's, ... .
@@ -115,12 +135,13 @@ class HeldLayer:
     def after_prefill(
         cls, policy: Policy, view: CacheView, keep: torch.Tensor, budgets: torch.Tensor | None, window: int, dtype: torch.dtype
     ) -> HeldLayer:
-        """The layer once `keep` [kv, n] of the prefill view's tokens are kept (the rest go to retention)."""
+        """The layer once `keep` [kv, n] of the prefill view's tokens are kept at full precision out of
+        `budgets` [kv] (the rest go to the retention, `handed_to_retention`)."""
         layer = cls(
             layer=view.layer,
             n_layers=view.n_layers,
             policy=policy,
-            budgets=budgets if policy.schedule.interval is not None else None,
+            budgets=policy.retention.full_budgets(budgets) if policy.schedule.interval is not None and budgets is not None else None,
             scaling=view.scaling,
             full=Segments.from_mask(view.keys[:, :0], view.values[:, :0], view.positions[:0], keep[:, :0]),
             low=None,
@@ -129,7 +150,7 @@ class HeldLayer:
             seen=int(view.positions[-1]) + 1,
             rope=view.rope,
         )
-        layer.shrink(view, keep, ~keep, dtype)
+        layer.shrink(view, keep, handed_to_retention(policy, view, keep, budgets), dtype)
         return layer
 
     # --- reading --------------------------------------------------------------------------------
@@ -229,7 +250,7 @@ class HeldLayer:
         """Bring every head back to its budget, by the policy's own scorer and selection rule."""
         view = self.view()
         kept = select(self.policy, view, self.policy.scorer.score(view), self.budgets)
-        self.shrink(view, kept, view.present & ~kept, self.full.keys.dtype)
+        self.shrink(view, kept, handed_to_retention(self.policy, view, kept, self.budgets), self.full.keys.dtype)
 
     def view(self) -> CacheView:
         """What the policy sees at a decode step: every position some head holds at full precision

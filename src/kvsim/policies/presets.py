@@ -61,7 +61,7 @@ PRESETS: dict[str, Policy] = {
         Policy(
             "pyramidkv",
             WindowAttention(window=WINDOW, pool="max", kernel=7),
-            Pyramid(beta=20, recent=WINDOW),
+            Pyramid(beta=20),
             PrefillOnce(recent=WINDOW),
         ),
         # Ada-KV (§8): window mean, GQA mean, max pooling 7, head-adaptive budgets with floor_alpha
@@ -70,7 +70,7 @@ PRESETS: dict[str, Policy] = {
         Policy(
             "adakv",
             WindowAttention(window=WINDOW, pool="max", kernel=7, gqa="mean"),
-            HeadAdaptive(alpha=0.2, recent=WINDOW),
+            HeadAdaptive(alpha=0.2),
             PrefillOnce(recent=WINDOW),
         ),
         # CAKE (§1): mean + 200·var indicator with avg pooling 5, layer preference with tau 1.0 (the
@@ -107,17 +107,18 @@ PRESETS: dict[str, Policy] = {
         Policy(
             "ems",
             GlobalLocal(local_weight=0.5, window=WINDOW),
-            HeadAdaptive(alpha=0.2, recent=WINDOW),
+            HeadAdaptive(alpha=0.2),
             PrefillOnce(recent=WINDOW),
             Merge(threshold=0.5),
         ),
         # RazorAttention (§12), adapted: 15 % retrieval heads (14 % induction + 1 % echo) keep all;
-        # the others keep 4 sinks + the most recent tokens (the recency score), no compensation token.
+        # the others keep 4 sinks + the most recent tokens (the recency score, and a protected local
+        # window of 32 that also marks what counts as far for the retrieval ranking), no compensation token.
         Policy(
             "razor",
             Recency(),
-            RetrievalHeads(retrieval_ratio=0.15, sinks=4, local=WINDOW, window=WINDOW),
-            PrefillOnce(sinks=4),
+            RetrievalHeads(retrieval_ratio=0.15, window=WINDOW),
+            PrefillOnce(sinks=4, recent=WINDOW),
         ),
         # LazyEviction (§13, unverified): peak recent attention, evicted every 16 steps with the last
         # 32 tokens kept (the paper's W = 175 was fitted to long MATH500 reasoning traces).

@@ -18,7 +18,7 @@ import torch
 
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
-from kvsim.policies.held import HeldLayer, kv_bytes
+from kvsim.policies.held import HeldLayer, handed_to_retention, kv_bytes
 from kvsim.policies.policy import Policy
 from kvsim.policies.retention import Drop, Retention
 from kvsim.policies.view import CacheView
@@ -40,7 +40,10 @@ def replay(
     """Outcomes per layer of `policy` at `budget`."""
     keeps, budgets = compress_prefill(policy, views, budget, views[0].length)
     if policy.schedule.interval is None:
-        return replay_selection(keeps, views, fulls, policy.retention)
+        return [
+            _prefill_once(policy.retention, view, full, keep, handed_to_retention(policy, view, keep, layer_budgets))
+            for view, full, keep, layer_budgets in zip(views, fulls, keeps, budgets)
+        ]
     return [
         replay_stepwise(policy, view, full, keep, layer_budgets)
         for view, full, keep, layer_budgets in zip(views, fulls, keeps, budgets)
@@ -55,11 +58,11 @@ def replay_selection(
 ) -> list[LayerOutcome]:
     """Outcomes of a fixed prefill selection per layer ([kv_heads, prompt_len] masks)."""
     retention = retention or Drop()
-    return [_prefill_once(retention, view, full, keep) for view, full, keep in zip(views, fulls, keeps)]
+    return [_prefill_once(retention, view, full, keep, ~keep) for view, full, keep in zip(views, fulls, keeps)]
 
 
-def _prefill_once(retention: Retention, view: CacheView, full: ContinuationAttention, keep: torch.Tensor) -> LayerOutcome:
-    retained = retention.retain(view.keys, view.values, keep, ~keep)
+def _prefill_once(retention: Retention, view: CacheView, full: ContinuationAttention, keep: torch.Tensor, evicted: torch.Tensor) -> LayerOutcome:
+    retained = retention.retain(view.keys, view.values, keep, evicted)
     readable = keep | retained.low_precision
     # Each head's readable prompt positions first (in order), padding after; then the continuation.
     counts = readable.sum(dim=1)

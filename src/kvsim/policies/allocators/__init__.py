@@ -6,6 +6,7 @@ from kvsim.policies.allocators import (  # noqa: F401
     free_vector,
     global_top,
     head_adaptive,
+    knots,
     prefix_mass,
     pyramid,
     retrieval_heads,

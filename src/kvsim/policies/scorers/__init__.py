@@ -10,6 +10,7 @@ from kvsim.policies.scorers import (  # noqa: F401
     kvzip,
     lag_kv,
     last_query,
+    mixture,
     random_scores,
     recency,
     recurrence,
