@@ -50,7 +50,7 @@ class PolicyLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.held is not None:
             self.held.append(key_states[0], value_states[0])
-            self.keys = self.held.full.keys  # what the attention function checks it was given
+            self._expose_held()
         else:
             if self.seen:
                 raise KvsimError("a policy cache must start empty: pass a new cache (policy.cache(model)) to each generate call")
@@ -107,7 +107,13 @@ class PolicyLayer(CacheLayerMixin):
     def hold(self, held: HeldLayer) -> None:
         """From now on, store and evict with `held` (the prompt's view is no longer needed)."""
         self.held, self.prefill_view = held, None
-        self.keys, self.values = held.full.keys, held.full.values
+        self._expose_held()
+
+    def _expose_held(self) -> None:
+        """What `update` returns and the attention function checks it was given: the ragged tokens as
+        a [1, 1, N, d] view (4-D like every transformers cache's, so wrappers that read key shapes,
+        such as kvpress's attention patch, pass it through untouched)."""
+        self.keys, self.values = self.held.full.keys[None, None], self.held.full.values[None, None]
 
     # --- accounting -----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.policies.allocators.base import Allocator
+from kvsim.policies.allocators.base import Allocator, Protected
 from kvsim.policies.parts import register
 from kvsim.policies.view import CacheView
 
@@ -28,7 +28,9 @@ from kvsim.policies.view import CacheView
 class GlobalTop(Allocator):
     name = "global_top"
 
-    def allocate(self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int) -> torch.Tensor:
+    def allocate(
+        self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
+    ) -> torch.Tensor:
         n_layers, kv_heads = len(views), views[0].kv_heads
         width = max(view.length for view in views)
         table = torch.full((n_layers * kv_heads, width), float("-inf"), dtype=torch.float64)
