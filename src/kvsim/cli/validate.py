@@ -10,13 +10,12 @@ import typer
 from rich.table import Table
 
 from kvsim.cli.common import console, human_bytes, progress_bars, reports_errors
-from kvsim.cli.simulate import policies_from_options, split_values
+from kvsim.cli.simulate import budgets_from_options, policies_from_options
 from kvsim.errors import KvsimError
 from kvsim.live.fidelity import correlations, write_fidelity_report
 from kvsim.live.search_run import add_to_report, read_search_run, with_presets
 from kvsim.live.validate import select_samples, summarize_validation, validate
 from kvsim.paths import ensure_writable_dir, write_atomically
-from kvsim.policies import Budget
 from kvsim.traces.models import load_model
 from kvsim.traces.store import MODES, TraceSet, check_mode
 
@@ -59,7 +58,7 @@ def validate_command(
             raise KvsimError("give --traces and --out (or --run RUNDIR)")
         check_mode(mode)
         traceset = TraceSet.open(traces)
-        pairs = list(itertools.product(policies, [Budget.parse(value) for value in split_values(budget)]))
+        pairs = list(itertools.product(policies, budgets_from_options(budget)))
         chosen = select_samples(traceset, mode, samples)
     ensure_writable_dir(out, "output folder")
     loaded = load_model(model or traceset.meta["model"]["id"])
@@ -110,7 +109,7 @@ def fidelity_command(
     check_mode(mode)
     traceset = TraceSet.open(traces)
     policies = policies_from_options(policy)
-    budgets = [Budget.parse(value) for value in split_values(budget)]
+    budgets = budgets_from_options(budget)
     if len(policies) * len(budgets) < 3:
         raise KvsimError("rank correlations need at least 3 (policy, budget) pairs: give more policies or budgets")
     chosen = select_samples(traceset, mode, samples)

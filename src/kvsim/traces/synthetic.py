@@ -31,7 +31,10 @@ def synthetic_traceset(
     heads, total = kv_heads * group, prompt_len + continuation
     generator = torch.Generator().manual_seed(seed)
     meta = {
-        "model": {"id": "synthetic", "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim},
+        "model": {
+            "id": "synthetic", "config_hash": "synthetic", "model_type": "synthetic",
+            "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+        },
         "window": window,
         "top_k": top_k,
         "storage_dtype": "float32",
