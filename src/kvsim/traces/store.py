@@ -39,8 +39,6 @@ SAMPLES_DIR = "samples"
 METADATA_KEY = "kvsim"
 MODES = ("query-aware", "query-agnostic")
 MODE_TAGS = {"query-aware": "aware", "query-agnostic": "agnostic"}
-
-
 # Sample ids become file names: a conservative set that is a plain name on every filesystem.
 SAMPLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Set metadata every command reads, and the model facts inside it.
@@ -65,6 +63,7 @@ def check_sample_id(sample_id: str) -> None:
 def sample_file(sample_id: str, mode: str) -> str:
     """The file of a (sample, mode), relative to the TraceSet folder: the only name a row may give."""
     return f"{SAMPLES_DIR}/{sample_id}.{MODE_TAGS[mode]}.safetensors"
+
 
 # Set metadata that must match for a re-run to resume into an existing folder.
 RESUME_KEYS = ("format_version", "model", "storage_dtype", "window", "max_new_tokens", "top_k", "workload")
