@@ -112,6 +112,7 @@ def test_a_trial_left_running_by_a_dead_process_is_run_again(traces, tmp_path):
     for layer in range(4):
         orphan.suggest_float(f"allocator.free_vector.layer{layer}", 0.1, 10.0, log=True)
     orphan.set_user_attr("worker", f"{socket.gethostname()}:{int(gone.stdout)}")
+    orphan.set_user_attr("policy", "drawn in full")  # what Objective records after the last draw
 
     result = kvsim(*args)
     assert result.exit_code == 0, result.output

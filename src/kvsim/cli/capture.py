@@ -11,7 +11,7 @@ from kvsim.cli.common import console, progress_bars, reports_errors
 from kvsim.cli.traces import print_summary
 from kvsim.paths import ensure_writable_dir
 from kvsim.traces.capture import STORAGE_DTYPES, CaptureSettings, capture_traceset, prepare_prompts
-from kvsim.traces.models import DEFAULT_MODEL, load_model, load_tokenizer
+from kvsim.traces.models import DEFAULT_MODEL, load_context_length, load_model, load_tokenizer
 from kvsim.traces.store import MODES
 from kvsim.traces.workloads import Haystack, build_workload
 
@@ -57,14 +57,16 @@ def capture(
     settings = CaptureSettings(
         window=window, max_new_tokens=max_new_tokens, top_k=top_k, storage_dtype=dtype, modes=mode.modes(), kvzip=kvzip
     )
-    ensure_writable_dir(out, "output folder")
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     filler = Haystack.from_file(haystack) if haystack else Haystack.default()
     count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     workload_samples = build_workload(
         workload, samples, seed=seed, context_tokens=context_tokens, count_tokens=count_tokens, haystack=filler
     )
-    prompts = prepare_prompts(workload_samples, tokenizer, settings)  # bad input fails before the model loads
+    # Bad input fails before the model loads, and before --out is created.
+    max_positions = load_context_length(model, trust_remote_code=trust_remote_code)
+    prompts = prepare_prompts(workload_samples, tokenizer, settings, max_positions)
+    ensure_writable_dir(out, "output folder")
     workload_meta = {
         "spec": workload,
         "seed": seed,

@@ -11,7 +11,7 @@ from kvsim.cli.common import console, human_bytes, reports_errors
 from kvsim.errors import KvsimError
 from kvsim.live.export import ExportedPolicy, ModelShape
 from kvsim.live.kvpress_export import write_press_script
-from kvsim.paths import ensure_writable_dir
+from kvsim.paths import check_output_file
 from kvsim.policies import Budget, resolve_policy
 from kvsim.search.compare import against_best_preset, compare_with_presets, summary_line
 from kvsim.search.rundir import SearchRun
@@ -42,6 +42,7 @@ def export(
     Example: [bold]kvsim export --policy snapkv --budget 0.1 --traces runs/demo/traces --out winner.json[/]
     Example: [bold]kvsim export --run runs/demo --out runs/demo/winner.json[/]
     """
+    check_output_file(out, "--out")
     if run is not None:
         export_search_winner(run, out, kvpress)
         return
@@ -67,7 +68,7 @@ def export(
 
 
 def write_export(exported: ExportedPolicy, out: Path, kvpress: bool) -> Path:
-    ensure_writable_dir(out.parent, "output folder")
+    check_output_file(out, "--out")
     path = exported.write(out)
     console.print(f"exported {exported.policy.name} at budget {exported.budget.label} for {exported.model.id}: {path}")
     if kvpress:

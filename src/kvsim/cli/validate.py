@@ -10,12 +10,11 @@ import typer
 from rich.table import Table
 
 from kvsim.cli.common import console, human_bytes, progress_bars, reports_errors
-from kvsim.cli.simulate import policies_from_options, split_values
+from kvsim.cli.simulate import budgets_from_options, policies_from_options, split_values
 from kvsim.errors import KvsimError
 from kvsim.live.fidelity import correlations, write_fidelity_report
 from kvsim.live.validate import select_samples, summarize_validation, validate
 from kvsim.paths import ensure_writable_dir, write_atomically
-from kvsim.policies import Budget
 from kvsim.search.report import write_report
 from kvsim.search.rundir import SearchRun
 from kvsim.traces.models import load_model
@@ -44,8 +43,7 @@ def validate_command(
     Example: [bold]kvsim validate --traces runs/demo/traces --policy snapkv,h2o --budget 0.1 --samples 2 --out runs/val[/]
     Example: [bold]kvsim validate --run runs/search --top 3 --policy snapkv,adakv[/]
     """
-    policies = policies_from_options(policy or (["all"] if run else []))
-    if not policies and run is None:
+    if not split_values(policy) and run is None:
         raise KvsimError("say what to validate: --policy NAME|spec.json (or --run RUNDIR for a search's winners)")
     if run is not None:
         if traces is not None or out is not None:
@@ -64,7 +62,7 @@ def validate_command(
             raise KvsimError("give --traces and --out (or --run RUNDIR)")
         check_mode(mode)
         traceset = TraceSet.open(traces)
-        pairs = list(itertools.product(policies, [Budget.parse(value) for value in split_values(budget)]))
+        pairs = list(itertools.product(policies_from_options(policy, traceset.statistics), budgets_from_options(budget)))
         chosen = select_samples(traceset, mode, samples)
     ensure_writable_dir(out, "output folder")
     loaded = load_model(model or traceset.meta["model"]["id"])
@@ -117,7 +115,7 @@ def fidelity_command(
     check_mode(mode)
     traceset = TraceSet.open(traces)
     policies = policies_from_options(policy, traceset.statistics)
-    budgets = [Budget.parse(value) for value in split_values(budget)]
+    budgets = budgets_from_options(budget)
     if len(policies) * len(budgets) < 3:
         raise KvsimError("rank correlations need at least 3 (policy, budget) pairs: give more policies or budgets")
     chosen = select_samples(traceset, mode, samples)

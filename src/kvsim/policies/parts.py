@@ -57,7 +57,7 @@ def part_from_spec(kind: str, spec: Any) -> Part:
         raise KvsimError(f"{kind} spec {spec!r} needs a 'name': one of {', '.join(REGISTRY[kind])}")
     params = dict(spec)
     name = params.pop("name")
-    cls = REGISTRY[kind].get(name)
+    cls = REGISTRY[kind].get(name) if isinstance(name, str) else None
     if cls is None:
         raise KvsimError(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(REGISTRY[kind]))}")
     hints = typing.get_type_hints(cls)

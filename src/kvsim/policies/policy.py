@@ -16,6 +16,8 @@ from kvsim.policies.retention import Drop, Retention
 from kvsim.policies.schedules import PrefillOnce, Schedule
 from kvsim.policies.scorers.base import Scorer
 
+MAX_NAME_CHARS = 100
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -47,7 +49,7 @@ class Policy:
         if missing:
             raise KvsimError(f"policy spec is missing {', '.join(missing)}")
         parts = {kind: part_from_spec(kind, spec[kind]) for kind in KINDS if kind in spec}
-        return cls(name=str(spec.get("name", "custom")), **parts)
+        return cls(name=checked_name(spec.get("name", "custom")), **parts)
 
     @property
     def observation_window(self) -> int:
@@ -82,6 +84,16 @@ class Policy:
                 f"policy {self.name!r} has a per-layer budget vector of length {expected}, "
                 f"but the model has {n_layers} layers: search or write a vector of length {n_layers}"
             )
+
+
+def checked_name(name: Any) -> str:
+    """A policy name labels rows in tables, reports and terminals: printable text (no control
+    characters or lone surrogates, which cannot be written as UTF-8)."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+        raise KvsimError(f"a policy name must be a string of 1 to {MAX_NAME_CHARS} characters")
+    if not name.isprintable():
+        raise KvsimError(f"policy name {name!r} has control or unencodable characters: use plain printable text")
+    return name
 
 
 def load_policy_spec(path: str | Path) -> Policy:

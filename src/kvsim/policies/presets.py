@@ -37,6 +37,8 @@ from kvsim.policies.scorers.window_attention import WindowAttention
 
 # The observation / recent window of the SnapKV family's reference LongBench configs (§1-3, §8).
 WINDOW = 32
+# The label of the simulator's hindsight-optimal selection in results; no policy may take it.
+ORACLE = "oracle"
 
 PRESETS: dict[str, Policy] = {
     policy.name: policy
@@ -156,3 +158,26 @@ def resolve_policy(name_or_path: str) -> Policy:
     if name_or_path.endswith(".json"):
         return load_policy_spec(name_or_path)
     raise KvsimError(f"unknown policy {name_or_path!r}: choose a preset ({', '.join(PRESETS)}) or a .json spec")
+
+
+def resolve_policies(names: list[str]) -> list[Policy]:
+    """Resolve several `--policy` items, whose names must tell them apart in every result table.
+
+    A name that two different policies claim (a spec named like a preset, like `oracle`, or like
+    another spec of the call) is refused rather than merged: results are grouped by name, so either
+    one would silently report the other's numbers. The same policy asked for twice is kept once.
+    """
+    chosen: dict[str, tuple[Policy, str]] = {}
+    for item in names:
+        policy = resolve_policy(item)
+        if policy.name == ORACLE:
+            raise KvsimError(f"{item} is named {ORACLE!r}, the label of the simulator's hindsight bound: rename the policy")
+        preset = f"the preset {policy.name}"
+        claimed = chosen.get(policy.name) or ((PRESETS[policy.name], preset) if policy.name in PRESETS else None)
+        if claimed is not None and claimed[0] != policy:
+            raise KvsimError(
+                f"{item} is named {policy.name!r} like {claimed[1]} but is a different policy: "
+                "give it its own \"name\" so results tell them apart"
+            )
+        chosen[policy.name] = (policy, preset if item in PRESETS else item)
+    return [policy for policy, _ in chosen.values()]

@@ -118,6 +118,7 @@ def prepare(settings: SearchSettings) -> Prepared:
     settings = replace(settings, mode=infer_mode(traceset, settings.mode))
     if settings.space == "allocation":
         ALLOCATION_BASE.check_traces(traceset.n_layers, traceset.meta["window"])
+    traceset.check_files(settings.mode)  # a damaged file is an error here, not a pruned trial
     split = split_samples(traceset.manifest, settings.mode, settings.validation, settings.test, settings.seed)
     highest = settings.budget.high if isinstance(settings.budget, BudgetRange) else settings.budget
     for sample_id in split.search + split.validation + split.test:

@@ -19,6 +19,7 @@ Dead workers. A worker tags every trial it runs with `host:pid` (`objective.WORK
   next worker that asks for a trial, which queues a copy the same way.
 Both re-queue through Optuna's `RetryHeartbeatStaleTrialCallback`, so the copy records which trial
 it retries (`retried_trial_number`) and gives up after `MAX_RETRY` attempts of one configuration.
+A trial that died while its parameters were being drawn is failed without a copy (`RetryDrawnTrial`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,21 @@ from kvsim.errors import KvsimError
 from kvsim.search.objective import WORKER_ATTR
 from kvsim.search.rundir import SearchRun
 
+# `Objective` sets this user attribute once every parameter of a trial is drawn.
+DRAWN_ATTR = "policy"
 MAX_RETRY = 3
 DEFAULT_HEARTBEAT_S = 30
 _SCHEMES = ("postgresql", "sqlite")
+
+
+class RetryDrawnTrial(RetryHeartbeatStaleTrialCallback):
+    """Queue a copy of a dead trial only when all its parameters were drawn. A trial killed while
+    drawing has a partial set; its copy would draw the rest anew and run another configuration
+    under the old trial's name. Such a trial is only failed: the sampler's next trial draws afresh."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if DRAWN_ATTR in trial.user_attrs:
+            super().__call__(study, trial)
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,7 @@ class StorageChoice:
         heartbeat = {} if self.embedded else {
             "heartbeat_interval": self.heartbeat_s,
             "grace_period": 2 * self.heartbeat_s,
-            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            "heartbeat_stale_trial_callback": RetryDrawnTrial(max_retry=MAX_RETRY),
         }
         # pre_ping: PostgreSQL servers drop connections idle for long trials (optuna#5600).
         engine = {"pool_pre_ping": True} if not self.embedded else {"connect_args": {"timeout": 30}}
@@ -117,12 +130,12 @@ def _checked_url(url: str) -> str:
 
 
 def retry_orphaned_trials(study: optuna.Study) -> list[int]:
-    """Fail and re-queue the RUNNING trials of processes of this host that no longer exist.
+    """Fail and re-queue (`RetryDrawnTrial`) the RUNNING trials of processes of this host that no longer exist.
 
-    Only for embedded storages (one machine); returns the numbers of the trials re-queued.
+    Only for embedded storages (one machine); returns the numbers of the trials failed.
     """
     host = socket.gethostname()
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    retry = RetryDrawnTrial(max_retry=MAX_RETRY)
     orphans = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")

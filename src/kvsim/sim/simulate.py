@@ -21,13 +21,12 @@ import polars as pl
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
 from kvsim.policies.rope import Rotary
+from kvsim.policies.presets import ORACLE
 from kvsim.policies.view import CacheView
 from kvsim.sim.continuation import ContinuationAttention, continuation_attention, prefill_view
 from kvsim.sim.oracle import oracle_keeps
 from kvsim.sim.replay import LayerOutcome, replay, replay_selection
 from kvsim.traces.store import TraceSample, TraceSet
-
-ORACLE = "oracle"
 
 
 @dataclass

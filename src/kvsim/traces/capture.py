@@ -20,10 +20,10 @@ import kvsim
 from kvsim.errors import KvsimError
 from kvsim.policies.rope import Rotary
 from kvsim.traces.kvzip import reconstruction_scores
-from kvsim.traces.models import LoadedModel, eos_token_ids
+from kvsim.traces.models import LoadedModel, context_length, eos_token_ids
 from kvsim.traces.prompt import RenderedPrompt, render_prompt
 from kvsim.traces.recorder import ForwardRecorder, recording
-from kvsim.traces.store import MODES, TraceSet
+from kvsim.traces.store import MODES, TraceSet, check_sample_id
 from kvsim.traces.workloads import Sample, score
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -77,8 +77,15 @@ def compressed_len(prompt: RenderedPrompt, mode: str) -> int:
     return prompt.prompt_len if mode == "query-aware" else prompt.context_end
 
 
-def check_sample(sample: Sample, prompt: RenderedPrompt, settings: CaptureSettings) -> None:
-    """Reject a sample the settings cannot capture, before any model time is spent."""
+def check_sample(sample: Sample, prompt: RenderedPrompt, settings: CaptureSettings, max_positions: int | None) -> None:
+    """Reject a sample the settings or the model (its `max_positions`) cannot capture, before any model time is spent."""
+    check_sample_id(sample.sample_id)
+    longest = prompt.prompt_len + settings.max_new_tokens
+    if max_positions is not None and longest > max_positions:
+        raise KvsimError(
+            f"sample {sample.sample_id} needs {longest} positions ({prompt.prompt_len} prompt tokens + "
+            f"--max-new-tokens {settings.max_new_tokens}), more than the model's {max_positions}: shorten it"
+        )
     for mode in settings.modes:
         if mode == "query-agnostic" and not sample.question:
             raise KvsimError(
@@ -212,12 +219,13 @@ def traceset_metadata(loaded: LoadedModel, settings: CaptureSettings, workload: 
 
 
 def prepare_prompts(
-    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, settings: CaptureSettings
+    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, settings: CaptureSettings, max_positions: int | None
 ) -> list[RenderedPrompt]:
-    """Render and check every sample; cheap, so bad input fails before the model loads."""
+    """Render and check every sample; cheap, so bad input fails before the model loads.
+    `max_positions` is the model's context length (`models.load_context_length`)."""
     prompts = [render_prompt(sample, tokenizer) for sample in samples]
     for sample, prompt in zip(samples, prompts):
-        check_sample(sample, prompt, settings)
+        check_sample(sample, prompt, settings, max_positions)
     return prompts
 
 
@@ -236,7 +244,7 @@ def capture_traceset(
     `prompts` are the samples already rendered and checked by `prepare_prompts`, if the caller did so.
     """
     if prompts is None:
-        prompts = prepare_prompts(samples, loaded.tokenizer, settings)
+        prompts = prepare_prompts(samples, loaded.tokenizer, settings, context_length(loaded.model.config))
     traceset = TraceSet.create(out, traceset_metadata(loaded, settings, workload))
     for sample, prompt in zip(samples, prompts):
         missing = [mode for mode in settings.modes if not traceset.is_complete(sample.sample_id, mode)]

@@ -34,7 +34,8 @@ def synthetic_traceset(
     generator = torch.Generator().manual_seed(seed)
     meta = {
         "model": {
-            "id": "synthetic", "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "id": "synthetic", "config_hash": "synthetic", "model_type": "synthetic",
+            "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             # Llama's default RoPE (theta 10000): synthetic keys are not rotated, but rotating scorers need frequencies.
             "rope": Rotary(tuple(10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2))).to_meta(),
         },
