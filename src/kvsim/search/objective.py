@@ -14,7 +14,7 @@ tier) runs the real model teacher-forced over the compressed cache.
   (growing subsets in the split's stratified order), so the pruner stops weak trials early.
 With `tier="proxy"` the trial's value is that mean. With `tier="exact"` (the default of `kvsim
 search`), a trial whose final proxy mean reaches the `promote` quantile of the proxy means of
-earlier trials (and every preset, which the study enqueues first) is promoted: the exact tier
+earlier trials (and every preset, which the study enqueues first and never prunes) is promoted: the exact tier
 scores it on every search sample and its value is the **mean answer log-likelihood** (the mean
 log-probability of the reference answer's tokens, teacher-forced after the question; task-linked
 and continuous, unlike a 0/1 score on a few samples). KL to the full cache and top-1 agreement are
@@ -165,7 +165,7 @@ class Objective:
         steps = checkpoints(len(self.samples))
         for step in steps[:-1]:
             trial.report(self.evaluator.mean(policy, budget, self.samples[:step]).sim_score, step)
-            if trial.should_prune():
+            if trial.should_prune() and not is_preset(trial):  # presets are the baseline: always scored in full
                 raise optuna.TrialPruned(f"pruned after {step} samples")
         final = self.evaluator.mean(policy, budget, self.samples)
         trial.report(final.sim_score, steps[-1])
@@ -173,9 +173,8 @@ class Objective:
 
     def _exact(self, trial: optuna.Trial, policy: Policy, budget: Budget) -> float:
         threshold = promotion_threshold(trial, self.promote)
-        is_preset = trial.params.get("family", "").startswith(PRESET_PREFIX)
         sim = trial.user_attrs["sim_score"]
-        if not is_preset and threshold is not None and sim < threshold:
+        if not is_preset(trial) and threshold is not None and sim < threshold:
             trial.set_user_attr("tier", "proxy")
             raise optuna.TrialPruned(f"proxy sim_score {sim:.4f} below the promotion threshold {threshold:.4f}")
         result = self.exact.mean(policy, budget, self.samples)
@@ -183,6 +182,10 @@ class Objective:
         for name, value in asdict(result).items():
             trial.set_user_attr(name, value)
         return result.answer_logprob
+
+
+def is_preset(trial: optuna.Trial) -> bool:
+    return trial.params.get("family", "").startswith(PRESET_PREFIX)
 
 
 def promotion_threshold(trial: optuna.Trial, quantile: float) -> float | None:
