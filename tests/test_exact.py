@@ -51,6 +51,8 @@ def test_an_exact_tier_search_runs_the_presets_first_and_ranks_by_answer_likelih
     trials = pl.read_parquet(tmp_path / "trials.parquet")
     presets = [name for name in PRESETS if name != "full"]
     assert trials["family"].to_list()[: len(presets)] == [f"preset:{name}" for name in presets]
+    baseline = trials.head(len(presets)).filter(pl.col("infeasible").is_null())  # mikv holds more bytes; kvzip needs --kvzip
+    assert (baseline["state"] == "COMPLETE").all() and (baseline["tier"] == "exact").all()  # never pruned
     exact = trials.filter(pl.col("tier") == "exact")
     assert exact.height > 0 and (exact["value"] == exact["answer_logprob"]).all()
     # Trials judged by the proxy alone say why; none of them is scored by the model.

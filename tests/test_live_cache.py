@@ -206,3 +206,21 @@ def test_attention_refuses_keys_its_policy_cache_did_not_return(tiny_model):
     activate(cache, 0, keys)
     with pytest.raises(KvsimError, match="did not return"):
         _attention(SimpleNamespace(layer_idx=0), query, keys.clone(), keys.clone(), None)
+
+
+@torch.inference_mode()
+def test_lagged_schedules_read_a_block_per_eviction_like_token_by_token(tiny_model, prompt_ids):
+    """Nothing is evicted between a lagged policy's steps, so `feed` reads up to the next eviction in
+    one forward: same logits and same kept tokens as one token per forward (3 forwards, not 40)."""
+    from kvsim.live.runner import feed
+
+    model = tiny_model.model
+    tokens = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    blocked, stepped = (PolicyCache.for_model(PRESETS["lazy"], 48, model) for _ in range(2))  # evicts every 16 tokens
+    model(prompt_ids, past_key_values=blocked)
+    model(prompt_ids, past_key_values=stepped)
+    in_blocks = feed(model, blocked, tokens)
+    one_by_one = torch.cat([model(tokens[None, i : i + 1], past_key_values=stepped).logits[0] for i in range(40)])
+    torch.testing.assert_close(in_blocks, one_by_one, atol=1e-4, rtol=1e-4)
+    for layer in range(model.config.num_hidden_layers):
+        assert [p.tolist() for p in blocked.kept_positions(layer)] == [p.tolist() for p in stepped.kept_positions(layer)]

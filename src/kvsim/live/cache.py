@@ -118,6 +118,15 @@ class PolicyCache(Cache):
         for layer, view, keep, layer_budgets in zip(self.layers, views, keeps, budgets):
             layer.hold(HeldLayer.after_prefill(self.policy, view, keep, layer_budgets, self.window, layer.dtype))
 
+    def tokens_until_eviction(self) -> int | None:
+        """How many tokens can be fed before the next decode-time eviction (every layer keeps the
+        same count), or None when the cache never evicts while decoding."""
+        held = self.layers[0].held
+        if held is None or not held.stepwise:
+            return None
+        interval = self.policy.schedule.interval
+        return interval - held.rows_since_decision % interval
+
     @property
     def compressed(self) -> bool:
         """Whether the prefill decision shrank the cache (short prompts stay whole)."""

@@ -77,12 +77,11 @@ class LiveSample:
         """KL and top-1 on the stored continuation and the reference answer's log-likelihood, each fed
         through its own copy of the compressed cache (`cache`, or a new decision)."""
         cache = cache or self.recording.with_policy(policy, budget)
-        stepwise = policy.schedule.interval is not None
-        teacher = feed(self.model, copy.deepcopy(cache), self.ids[self.start : self.sample.total_len - 1], stepwise)
+        teacher = feed(self.model, copy.deepcopy(cache), self.ids[self.start : self.sample.total_len - 1])
         kl, top1 = fidelity(torch.cat([self.first_logits, teacher]), self.reference_ids, self.reference_logprobs)
         question = self.ids[self.start : self.sample.full_prompt_len]
         forced = torch.cat([question, self.answer_ids])
-        logits = torch.cat([self.first_logits, feed(self.model, copy.deepcopy(cache), forced[:-1], stepwise)])
+        logits = torch.cat([self.first_logits, feed(self.model, copy.deepcopy(cache), forced[:-1])])
         answer_logits = logits[-self.answer_ids.numel() :].float()
         logprobs = torch.log_softmax(answer_logits, -1).gather(1, self.answer_ids[:, None])
         match = bool((answer_logits.argmax(-1) == self.answer_ids).all())
@@ -94,7 +93,7 @@ class LiveSample:
         kv_bytes = cache.held_bytes()
         kept, low = cache.held_tokens()
         forced = self.teacher_forced(policy, budget, cache)
-        generated, seconds = self._generate(cache, policy.schedule.interval is not None)
+        generated, seconds = self._generate(cache)
         prediction = self.loaded.tokenizer.decode(generated, skip_special_tokens=True)
         return LiveOutcome(
             prediction=prediction,
@@ -109,10 +108,10 @@ class LiveSample:
             decode_ms_per_token=1000 * seconds / max(1, len(generated) - 1),
         )
 
-    def _generate(self, cache: PolicyCache, stepwise: bool) -> tuple[list[int], float]:
+    def _generate(self, cache: PolicyCache) -> tuple[list[int], float]:
         """Greedy tokens after the prompt, and the seconds spent on decode steps (prefill excluded)."""
         question = self.ids[self.start : self.sample.full_prompt_len]
-        logits = feed(self.model, cache, question, stepwise)[-1:] if question.numel() else self.first_logits
+        logits = feed(self.model, cache, question)[-1:] if question.numel() else self.first_logits
         generated = [int(logits[-1].argmax())]
         started = time.perf_counter()
         while generated[-1] not in self.eos and len(generated) < self.max_new_tokens:
@@ -121,14 +120,22 @@ class LiveSample:
         return generated, time.perf_counter() - started
 
 
-def feed(model, cache: PolicyCache, tokens: torch.Tensor, stepwise: bool) -> torch.Tensor:
-    """[len(tokens), vocab] logits after each token. Stepwise schedules evict between tokens, so
-    they read one token per forward; prefill-once caches only grow, so one forward is exact."""
+def feed(model, cache: PolicyCache, tokens: torch.Tensor) -> torch.Tensor:
+    """[len(tokens), vocab] logits after each token, in as few forwards as the schedule allows.
+
+    Prefill-once caches only grow, so one forward is exact. Every-step and lagged schedules evict
+    every `interval` tokens and nothing in between, so the tokens up to the next eviction are read
+    in one forward (causal inside it, as token by token) and the eviction runs after its last
+    token: one token per forward for every-step, `interval` for lagged.
+    """
     if tokens.numel() == 0:
         return torch.empty(0, model.config.vocab_size)
-    if not stepwise:
-        return model(tokens[None], past_key_values=cache).logits[0]
-    return torch.cat([model(tokens[None, i : i + 1], past_key_values=cache).logits[0] for i in range(tokens.numel())])
+    logits, start = [], 0
+    while start < tokens.numel():
+        size = cache.tokens_until_eviction() or tokens.numel()
+        logits.append(model(tokens[None, start : start + size], past_key_values=cache).logits[0])
+        start += size
+    return torch.cat(logits)
 
 
 def fidelity(logits: torch.Tensor, reference_ids: torch.Tensor, reference_logprobs: torch.Tensor) -> tuple[float, float]:
