@@ -49,7 +49,7 @@ def kvsim_kept(loaded: LoadedModel, policy: Policy, budget: Budget, ids: torch.T
     """The same for kvsim's live cache under `policy` at `budget`."""
     cache = PolicyCache.for_model(policy, budget, loaded.model)
     if kvzip:
-        cache.reconstruction = reconstruction_scores(loaded.model, loaded.tokenizer, ids[0].tolist())
+        cache.set_reconstruction(reconstruction_scores(loaded.model, loaded.tokenizer, ids[0].tolist()))
     loaded.model(input_ids=ids, past_key_values=cache)
     return [cache.kept_positions(layer) for layer in range(len(cache.layers))]
 
