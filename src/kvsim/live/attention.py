@@ -30,7 +30,7 @@ def activate(cache: PolicyCache) -> None:
     _current.set(weakref.ref(cache))
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     reference = _current.get()
     cache = reference() if reference is not None else None
@@ -38,7 +38,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         layer = cache.layers[module.layer_idx]
         if layer.keys is key:
             return layer.attend(query, scale), None
-    return causal_sdpa(query, key, value, scale), None
+    return causal_sdpa(query, key, value, scale, sliding_window), None
 
 
 AttentionInterface.register(ATTENTION_NAME, _attention)

@@ -18,9 +18,11 @@ from transformers.cache_utils import Cache
 from kvsim.errors import KvsimError
 from kvsim.live.attention import ATTENTION_NAME, activate
 from kvsim.live.layer import PolicyLayer
+from kvsim.live.sliding import SlidingLayer
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
 from kvsim.policies.policy import Policy
+from kvsim.shape import ModelShape
 
 
 class PolicyCache(Cache):
@@ -38,14 +40,19 @@ class PolicyCache(Cache):
         self,
         policy: Policy | None,
         budget: Budget | float | int,
-        n_layers: int,
+        shape: ModelShape,
         *,
         window: int | None = None,
         row_splits: Sequence[int] = (),
     ) -> None:
         if policy is not None:
-            policy.check_model(n_layers)
-        super().__init__(layers=[PolicyLayer(index, self) for index in range(n_layers)])
+            policy.check_model(len(shape.policy_layers))
+        # Sliding layers keep their window by construction; the policy decides on the others.
+        super().__init__(layers=[
+            PolicyLayer(index, self) if size is None else SlidingLayer(index, size, row_splits)
+            for index, size in enumerate(shape.windows)
+        ])
+        self.shape = shape
         self.policy = policy
         self.budget = budget if isinstance(budget, Budget) else Budget(budget)
         self.row_splits = tuple(row_splits)
@@ -65,7 +72,7 @@ class PolicyCache(Cache):
         """A cache for `model`, whose attention is switched to `kvsim_live` (plain SDPA without a policy cache)."""
         if model.config._attn_implementation != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
-        return cls(policy, budget, model.config.num_hidden_layers, **kwargs)
+        return cls(policy, budget, ModelShape.from_config(model.config), **kwargs)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         activate(self)
@@ -73,11 +80,11 @@ class PolicyCache(Cache):
 
     def with_policy(self, policy: Policy, budget: Budget | float | int) -> PolicyCache:
         """A new cache deciding with `policy` on this recording cache's prefill, without running it again."""
-        if self.policy is not None or self.layers[-1].prefill_view is None:
+        if self.policy is not None or self.layers[0].get_seq_length() == 0:
             raise KvsimError("with_policy needs a recording cache (PolicyCache.recording) that has run a prefill")
         if policy.observation_window > self.window:
             raise KvsimError(f"policy {policy.name!r} reads {policy.observation_window} queries but {self.window} were recorded")
-        cache = PolicyCache(policy, budget, len(self.layers), window=max(policy.observation_window, 1), row_splits=self.row_splits)
+        cache = PolicyCache(policy, budget, self.shape, window=max(policy.observation_window, 1), row_splits=self.row_splits)
         for layer, recorded in zip(cache.layers, self.layers):
             layer.adopt_prefill(recorded)
         cache.decide()
@@ -85,18 +92,22 @@ class PolicyCache(Cache):
 
     def decide(self) -> None:
         """Compress every layer at the end of the prefill (called by the last layer's attention)."""
-        if self.policy is None:
+        if self.policy is None or not self.shape.policy_layers:
+            self.decided = self.policy is not None
             return
-        views = [layer.prefill_view for layer in self.layers]
+        layers = [self.layers[index] for index in self.shape.policy_layers]
+        views = [layer.prefill_view for layer in layers]
         prompt = views[0].length
         self.scaling = views[0].scaling
         self.decided = True
         if not self._compressible(prompt):
-            for layer in self.layers:
+            for layer in layers:
                 layer.prefill_view = None
             return
-        keeps, self.budgets = compress_prefill(self.policy, views, self.budget, prompt)
-        for layer, view, keep in zip(self.layers, views, keeps):
+        keeps, budgets = compress_prefill(self.policy, views, self.budget, prompt)
+        self.budgets = budgets.new_zeros(len(self.layers), budgets.shape[1])  # sliding layers' rows stay 0
+        self.budgets[list(self.shape.policy_layers)] = budgets
+        for layer, view, keep in zip(layers, views, keeps):
             layer.shrink(view, keep, ~keep)
 
     @property

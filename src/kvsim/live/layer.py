@@ -122,7 +122,7 @@ class PolicyLayer(CacheLayerMixin):
             colsq=stats.colsq.sum(0),
         )
         output = stats.output.to(query.dtype).transpose(0, 1).unsqueeze(0)
-        if self.index == len(self.cache.layers) - 1:
+        if self.index == self.cache.shape.policy_layers[-1]:
             self.cache.decide()
         return output
 

@@ -16,7 +16,7 @@ from kvsim.errors import KvsimError
 from kvsim.live.runner import LiveSample
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
-from kvsim.sim.simulate import LAYER_SCHEMA, simulate_sample, summarize
+from kvsim.sim.simulate import LAYER_SCHEMA, policy_layer_count, simulate_sample, summarize
 from kvsim.traces.models import LoadedModel
 from kvsim.traces.store import TraceSample, TraceSet
 
@@ -53,7 +53,7 @@ def validate(
     """
     check_model_matches(loaded, traceset)
     for policy, _ in pairs:
-        policy.check_traces(traceset.n_layers, traceset.meta["window"])
+        policy.check_traces(policy_layer_count(traceset), traceset.meta["window"])
     window = max(max(policy.observation_window for policy, _ in pairs), 1)
     rows = []
     for sample in samples:

@@ -35,6 +35,7 @@ from kvsim.search.space import ALLOCATION_BASE
 from kvsim.search.split import Split, split_samples
 from kvsim.search.storage import DEFAULT_HEARTBEAT_S, StorageChoice, choose_storage, retry_orphaned_trials
 from kvsim.search.study import make_sampler, open_study
+from kvsim.sim.simulate import policy_layer_count
 from kvsim.traces.store import TraceSet, check_mode
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -96,7 +97,7 @@ def prepare(settings: SearchSettings) -> Prepared:
     make_sampler(settings.sampler, settings.objective, settings.seed)  # rejects unknown or unfit samplers early
     traceset = TraceSet.open(settings.traces)
     if settings.space == "allocation":
-        ALLOCATION_BASE.check_traces(traceset.n_layers, traceset.meta["window"])
+        ALLOCATION_BASE.check_traces(policy_layer_count(traceset), traceset.meta["window"])
     split = split_samples(traceset.manifest, settings.mode, settings.held_out, settings.seed)
     highest = settings.budget.high if isinstance(settings.budget, BudgetRange) else settings.budget
     for sample_id in split.search + split.held_out:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
 from kvsim.kernels import causal_attention_column_stats
+from kvsim.shape import ModelShape
 
 ATTENTION_NAME = "kvsim_capture"
 
@@ -27,30 +28,32 @@ _active: ContextVar[ForwardRecorder | None] = ContextVar("kvsim_forward_recorder
 class ForwardRecorder:
     """What one sample's capture keeps, per layer, as the model runs.
 
+    shape: the model's shape; sliding layers attend over their window only.
     keep_queries_from: first prompt row whose query is kept (every later query, continuation
         included, is kept too).
     row_splits: prompt rows that cut the column statistics into separately summed groups.
     """
 
-    def __init__(self, n_layers: int, keep_queries_from: int, row_splits: Sequence[int] = ()) -> None:
+    def __init__(self, shape: ModelShape, keep_queries_from: int, row_splits: Sequence[int] = ()) -> None:
+        n_layers = shape.n_layers
+        self.shape = shape
         self.keep_queries_from = keep_queries_from
         self.row_splits = tuple(row_splits)
         self.query_rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.colsum: list[torch.Tensor | None] = [None] * n_layers
         self.colsq: list[torch.Tensor | None] = [None] * n_layers
 
-    def attend(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
-    ) -> torch.Tensor:
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Attention output [1, n, heads, head_dim] for query [1, heads, n, d], key/value [1, kv_heads, T, d]."""
         if query.shape[0] != 1:
             raise ValueError("capture runs one sample at a time (batch size 1)")
         n, total = query.shape[2], key.shape[2]
+        scaling, window = self.shape.scaling, self.shape.windows[layer]
         if n == 1:
-            output = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)[0]
+            output = decode_attention(query, key, value, scaling, window)[0]
             self.query_rows[layer].append(query[0].clone())
         elif n == total:
-            stats = causal_attention_column_stats(query[0], key[0], value[0], scaling, self.row_splits)
+            stats = causal_attention_column_stats(query[0], key[0], value[0], scaling, self.row_splits, window=window)
             self.colsum[layer], self.colsq[layer] = stats.colsum, stats.colsq
             self.query_rows[layer].append(query[0, :, self.keep_queries_from :].clone())
             output = stats.output
@@ -63,29 +66,44 @@ class ForwardRecorder:
         return torch.cat(self.query_rows[layer], dim=1)
 
 
-def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int | None
+) -> torch.Tensor:
+    """[b, heads, 1, d]: one new token's attention over the cache, or over its last `window`
+    tokens in a sliding layer. Capture and the live sliding layer both call it, on the same keys."""
+    if window is not None:
+        key, value = key[:, :, -window:], value[:, :, -window:]
+    return F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=True)
+
+
+def causal_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, window: int | None = None
+) -> torch.Tensor:
     """Plain causal attention [b, n, heads, d] of the newest n tokens over all T cached ones.
 
     Registered attention functions get no mask from transformers, so causality is rebuilt here:
     the queries are the last n positions (bottom-right aligned, which SDPA's `is_causal` is not when
-    n < T, as in a chunked forward over a filled cache).
+    n < T, as in a chunked forward over a filled cache); a sliding layer also hides keys more than
+    `window` − 1 positions back.
     """
     n, total = query.shape[2], key.shape[2]
     mask = None
-    if 1 < n < total:
-        mask = torch.arange(total, device=query.device)[None, :] <= torch.arange(total - n, total, device=query.device)[:, None]
+    if window is not None or 1 < n < total:
+        columns = torch.arange(total, device=query.device)[None, :]
+        rows = torch.arange(total - n, total, device=query.device)[:, None]
+        mask = (columns <= rows) & (columns > rows - (window or total))
     output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=n == total and n > 1, scale=scale, enable_gqa=True
+        query, key, value, attn_mask=mask, is_causal=mask is None and n > 1, scale=scale, enable_gqa=True
     )
     return output.transpose(1, 2).contiguous()
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     recorder = _active.get()
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if recorder is None:
-        return causal_sdpa(query, key, value, scale), None
-    return recorder.attend(module.layer_idx, query, key, value, scale), None
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return causal_sdpa(query, key, value, scale, sliding_window), None
+    return recorder.attend(module.layer_idx, query, key, value), None
 
 
 AttentionInterface.register(ATTENTION_NAME, _attention)

@@ -25,9 +25,13 @@ from safetensors.torch import save_file
 
 from kvsim.errors import KvsimError
 from kvsim.paths import sha256_file, write_atomically
+from kvsim.shape import ModelShape
 from kvsim.traces.tensorfile import TensorFileError, map_tensors, read_header
 
-FORMAT_VERSION = 1
+# 2: the model's `ModelShape` under meta["model"]["shape"]; format 1 sets (layer and head counts
+# under meta["model"]) still load, their shape derived from those fields.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.parquet"
 SAMPLES_DIR = "samples"
 METADATA_KEY = "kvsim"
@@ -125,8 +129,10 @@ class TraceSet:
             meta = json.loads(pl.read_parquet_metadata(manifest_path)[METADATA_KEY])
         except (OSError, KeyError, ValueError, pl.exceptions.PolarsError) as err:
             raise KvsimError(f"{manifest_path} is damaged or not written by kvsim ({err}): re-capture") from err
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise KvsimError(f"{root} uses TraceSet format {meta.get('format_version')}; this kvsim reads {FORMAT_VERSION}")
+        if meta.get("format_version") not in READABLE_VERSIONS:
+            raise KvsimError(
+                f"{root} uses TraceSet format {meta.get('format_version')}; this kvsim reads {READABLE_VERSIONS}"
+            )
         return cls(root, manifest, meta)
 
     @classmethod
@@ -174,9 +180,14 @@ class TraceSet:
             digest.update(checksum.encode())
         return digest.hexdigest()[:16]
 
+    @cached_property
+    def shape(self) -> ModelShape:
+        """The model's shape (derived from the model fields of format 1 sets)."""
+        return ModelShape.from_stored(self.meta["model"])
+
     @property
     def n_layers(self) -> int:
-        return self.meta["model"]["n_layers"]
+        return self.shape.n_layers
 
     def is_complete(self, sample_id: str, mode: str) -> bool:
         """True when the sample is in the manifest and its file still has the recorded checksum."""
@@ -236,8 +247,8 @@ class TraceSet:
 
 def expected_shapes(meta: dict, row: dict) -> dict[str, list[int]]:
     """The shape of every tensor a sample file must hold (the format, in one place)."""
-    model = meta["model"]
-    heads, kv_heads, head_dim = model["heads"], model["kv_heads"], model["head_dim"]
+    shape = ModelShape.from_stored(meta["model"])
+    heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     total, prompt = row["total_len"], row["prompt_len"]
     continuation = total - prompt
     shapes = {
@@ -246,7 +257,7 @@ def expected_shapes(meta: dict, row: dict) -> dict[str, list[int]]:
         "continuation.topk_ids": [continuation, meta["top_k"]],
         "continuation.token_logprobs": [continuation],
     }
-    for layer in range(model["n_layers"]):
+    for layer in range(shape.n_layers):
         shapes[f"layers.{layer}.k"] = [kv_heads, total, head_dim]
         shapes[f"layers.{layer}.v"] = [kv_heads, total, head_dim]
         shapes[f"layers.{layer}.q"] = [heads, meta["window"] + continuation, head_dim]

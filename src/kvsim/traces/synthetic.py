@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kvsim.kernels import causal_attention_column_stats
+from kvsim.shape import ModelShape
 from kvsim.traces.store import TraceSet
 
 
@@ -30,8 +31,9 @@ def synthetic_traceset(
 ) -> TraceSet:
     heads, total = kv_heads * group, prompt_len + continuation
     generator = torch.Generator().manual_seed(seed)
+    shape = ModelShape("synthetic", n_layers, heads, kv_heads, head_dim, head_dim**-0.5, (None,) * n_layers)
     meta = {
-        "model": {"id": "synthetic", "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim},
+        "model": {"id": "synthetic", "shape": shape.to_json()},
         "window": window,
         "top_k": top_k,
         "storage_dtype": "float32",
@@ -50,7 +52,7 @@ def synthetic_traceset(
             # Spiky keys give attention real heavy hitters, as trained models have.
             keys = torch.randn(kv_heads, total, head_dim, generator=generator) * 2
             queries = torch.randn(heads, total, head_dim, generator=generator)
-            stats = causal_attention_column_stats(queries[:, :prompt_len], keys[:, :prompt_len], keys[:, :prompt_len], head_dim**-0.5)
+            stats = causal_attention_column_stats(queries[:, :prompt_len], keys[:, :prompt_len], keys[:, :prompt_len], shape.scaling)
             tensors[f"layers.{layer}.k"] = keys
             tensors[f"layers.{layer}.v"] = torch.randn(kv_heads, total, head_dim, generator=generator)
             tensors[f"layers.{layer}.q"] = queries[:, prompt_len - window :].contiguous()

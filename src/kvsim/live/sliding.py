@@ -1,0 +1,94 @@
+"""A sliding-window layer of the policy cache: it keeps the last `window` − 1 tokens, which is all
+the next query can read, and no policy touches it.
+
+In a sliding layer (Gemma 3, Mistral, `kvsim.shape`) the query at position p reads the keys of
+positions p − window + 1 … p, itself included, so a layer that keeps the last window − 1 tokens
+holds exactly what attention needs: its memory is bounded by construction and a policy has
+nothing to decide there. Attention runs the code capture runs (`causal_attention_column_stats`
+with the window for the prefill, `decode_attention` for single steps) on the same keys, so a
+policy cache reproduces the traced forward bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvsim.errors import KvsimError
+from kvsim.kernels import causal_attention_column_stats
+from kvsim.traces.recorder import causal_sdpa, decode_attention
+
+
+class SlidingLayer(CacheLayerMixin):
+    is_sliding = True
+    prefill_view = None  # nothing for a policy to decide on
+
+    def __init__(self, index: int, window: int, row_splits: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.index = index
+        self.window = window
+        self.row_splits = tuple(row_splits)
+        self.seen = 0  # tokens this layer has been given: the next token's position
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[0] != 1:
+            raise KvsimError(f"the policy cache runs batch size 1, got {key_states.shape[0]}: generate one prompt at a time")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+        self.seen += key_states.shape[2]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.seen + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return self.window
+
+    def adopt_prefill(self, recorded: SlidingLayer) -> None:
+        """Start from another cache's layer after its prefill (tensors are shared, never written in place)."""
+        self.dtype, self.device = recorded.dtype, recorded.device
+        self.keys, self.values, self.seen = recorded.keys, recorded.values, recorded.seen
+        self.is_initialized = True
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """[1, n, heads, d] attention of the newest n tokens over the window, then drop what no later query reads."""
+        n, held = query.shape[2], self.keys.shape[2]
+        if n == held:  # the prefill, as capture computes it
+            stats = causal_attention_column_stats(
+                query[0], self.keys[0], self.values[0], scaling, self.row_splits, window=self.window
+            )
+            output = stats.output.to(query.dtype).transpose(0, 1).unsqueeze(0)
+        elif n == 1:
+            output = decode_attention(query, self.keys, self.values, scaling, self.window).transpose(1, 2)
+        else:
+            output = causal_sdpa(query, self.keys, self.values, scaling, self.window)
+        self.keys = self.keys[:, :, -(self.window - 1) :] if self.window > 1 else self.keys[:, :, :0]
+        self.values = self.values[:, :, -(self.window - 1) :] if self.window > 1 else self.values[:, :, :0]
+        return output
+
+    # --- accounting, as `PolicyLayer` reports it -------------------------------------------------
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[kv_heads, n] the absolute positions held (the same for every head)."""
+        held = self.keys.shape[2]
+        return torch.arange(self.seen - held, self.seen, device=self.device).expand(self.keys.shape[1], held)
+
+    def held_bytes(self) -> tuple[int, int]:
+        """(bytes of keys and values held, of which padding: none)."""
+        return self.keys.numel() * self.keys.element_size() * 2, 0
+
+    def held_tokens(self) -> tuple[int, int]:
+        return self.keys.shape[1] * self.keys.shape[2], 0
