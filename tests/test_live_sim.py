@@ -10,6 +10,7 @@ from kvsim.live.runner import LiveSample
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
 from kvsim.policies.presets import PRESETS
+from kvsim.shape import ARCHITECTURES
 from kvsim.sim.continuation import prefill_view
 from kvsim.traces.capture import CaptureSettings, capture_traceset
 from kvsim.traces.store import MODES
@@ -27,18 +28,26 @@ def capture_float32(loaded, folder, context_tokens):
 
 
 def assert_same_decisions(loaded, traceset, mode, budgets=(0.1, 0.3)):
+    """Full-attention layers keep what the simulator keeps; sliding layers keep their last window − 1
+    positions whatever the policy."""
     sample = next(traceset.samples(mode))
+    shape = traceset.shape
     live = LiveSample(loaded, traceset, sample, WINDOW)
-    views = [prefill_view(sample, layer, traceset.n_layers, WINDOW) for layer in range(traceset.n_layers)]
+    views = [prefill_view(sample, layer, shape, WINDOW) for layer in shape.policy_layers]
     for name in PREFILL_ONCE:
         for value in budgets:
             budget = Budget(value)
-            simulated, _ = compress_prefill(PRESETS[name], views, budget, sample.prompt_len)
             cache = live.recording.with_policy(PRESETS[name], budget)
-            for layer, keep in enumerate(simulated):
-                held = cache.kept_positions(layer)
-                for head in range(keep.shape[0]):
-                    assert torch.equal(held[head], keep[head].nonzero().flatten()), (name, value, layer, head)
+            if views:
+                simulated, _ = compress_prefill(PRESETS[name], views, budget, sample.prompt_len)
+                for layer, keep in zip(shape.policy_layers, simulated):
+                    held = cache.kept_positions(layer)
+                    for head in range(keep.shape[0]):
+                        assert torch.equal(held[head], keep[head].nonzero().flatten()), (name, value, layer, head)
+            for layer, window in enumerate(shape.windows):
+                if window is not None:
+                    expected = torch.arange(sample.prompt_len - window + 1, sample.prompt_len)
+                    assert all(torch.equal(held, expected) for held in cache.kept_positions(layer)), (name, layer)
 
 
 @pytest.fixture(scope="module")
@@ -67,4 +76,17 @@ def test_live_full_policy_reproduces_the_traced_continuation(tiny_float32_traces
     assert outcome.kl < 1e-4
     assert outcome.prediction == sample.prediction
     compressed = LiveSample(loaded, traceset, sample, WINDOW).run(PRESETS["streaming_llm"], Budget(0.05))
-    assert compressed.kl > outcome.kl
+    if traceset.shape.policy_layers:
+        assert compressed.kl > outcome.kl
+    else:  # every layer slides (the tiny Mistral): nothing to compress, the policy changes nothing
+        assert compressed.kl == pytest.approx(outcome.kl, abs=1e-9) and compressed.kv_bytes == outcome.kv_bytes
+
+
+def test_tiny_models_cover_every_supported_architecture_and_both_layer_kinds(tiny_float32_traces):
+    loaded, traceset = tiny_float32_traces
+    shape = traceset.shape
+    assert shape == loaded.shape and shape.model_type in ARCHITECTURES
+    kinds = {shape.kind(layer) for layer in range(shape.n_layers)}
+    if shape.model_type in ("mistral", "gemma3_text"):
+        assert "sliding" in kinds and min(w for w in shape.windows if w) < next(traceset.samples()).prompt_len
+    assert shape.scaling == pytest.approx(loaded.model.model.layers[0].self_attn.scaling)

@@ -206,9 +206,11 @@ def _dequantize_into(gguf: Path, folder: Path, trust_remote_code: bool) -> None:
         try:
             kwargs = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **_dense_gguf(), **kwargs)
         except (OSError, ValueError, KeyError) as err:
             raise KvsimError(f"could not read GGUF file {gguf}: {_first_line(err)}") from err
+        if getattr(model, "hf_quantizer", None) is not None:  # the weights are dense: save them as a plain model
+            model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
@@ -218,6 +220,14 @@ def _dequantize_into(gguf: Path, folder: Path, trust_remote_code: bool) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _dense_gguf() -> dict:
+    """transformers 5.3+ loads GGUF through a quantizer that may keep the weights in their blocks;
+    kvsim saves and reads plain dense weights, so it asks for them unpacked."""
+    if hasattr(transformers, "GgufConfig"):
+        return {"quantization_config": transformers.GgufConfig(dequantize=True)}
+    return {}
 
 
 def _quiet_transformers() -> None:
