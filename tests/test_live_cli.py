@@ -126,9 +126,9 @@ KVPRESS_POLICIES = {
 
 
 @torch.inference_mode()
+@pytest.mark.kvpress
 @pytest.mark.parametrize("name", sorted(KVPRESS_POLICIES))
 def test_kvpress_export_runs_as_a_press(name, tiny_llama, tmp_path):
-    pytest.importorskip("kvpress")
     from kvpress.presses.base_press import BasePress
 
     policy, budget = KVPRESS_POLICIES[name], Budget(0.25)

@@ -93,7 +93,7 @@ def export_search_winner(rundir: Path, out: Path, kvpress: bool) -> None:
         "study": search.study,
         "trial": entry["provenance"]["trial"],
     }
-    path = write_export(ExportedPolicy(winner, budget, _from_traces(traceset), provenance, metrics), out, kvpress)
+    path = write_export(ExportedPolicy(winner, budget, exported_model(None, traceset), provenance, metrics), out, kvpress)
     for line in run_summary(search, live, path):
         console.print(line, highlight=False)
 
