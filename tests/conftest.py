@@ -94,7 +94,14 @@ def build_tiny_model(arch: str, tokenizer) -> LoadedModel:
 
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_any_model(request, bundled_tokenizer) -> LoadedModel:
+    """Every supported architecture, sliding-window ones included."""
+    return build_tiny_model(request.param, bundled_tokenizer)
+
+
+@pytest.fixture(scope="session", params=["llama", "phi3", "qwen2", "qwen3"])
 def tiny_model(request, bundled_tokenizer) -> LoadedModel:
+    """The full-attention architectures, for tests whose reference is one attention mask for every layer."""
     return build_tiny_model(request.param, bundled_tokenizer)
 
 

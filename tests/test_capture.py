@@ -27,9 +27,9 @@ def capture(loaded, tmp_path, samples, dtype="float32", max_new_tokens=6, modes=
 
 
 @pytest.fixture(scope="module")
-def tiny_traces(tiny_model, tmp_path_factory):
-    samples = passkey_samples(tiny_model.tokenizer)
-    return tiny_model, capture(tiny_model, tmp_path_factory.mktemp(tiny_model.source.name), samples)
+def tiny_traces(tiny_any_model, tmp_path_factory):
+    samples = passkey_samples(tiny_any_model.tokenizer)
+    return tiny_any_model, capture(tiny_any_model, tmp_path_factory.mktemp(tiny_any_model.source.name), samples)
 
 
 def plain_forward(model, ids, attn_implementation="sdpa"):

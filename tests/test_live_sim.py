@@ -51,8 +51,8 @@ def assert_same_decisions(loaded, traceset, mode, budgets=(0.1, 0.3)):
 
 
 @pytest.fixture(scope="module")
-def tiny_float32_traces(tiny_model, tmp_path_factory):
-    return tiny_model, capture_float32(tiny_model, tmp_path_factory.mktemp("live-sim") / "traces", 200)
+def tiny_float32_traces(tiny_any_model, tmp_path_factory):
+    return tiny_any_model, capture_float32(tiny_any_model, tmp_path_factory.mktemp("live-sim") / "traces", 200)
 
 
 @torch.inference_mode()

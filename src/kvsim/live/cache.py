@@ -74,9 +74,10 @@ class PolicyCache(Cache):
             model.set_attn_implementation(ATTENTION_NAME)
         return cls(policy, budget, ModelShape.from_config(model.config), **kwargs)
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # transformers 5.2 passes cache_kwargs, 5.3+ keyword `kwargs`: both go on to the layer, which ignores them.
         activate(self)
-        return super().update(key_states, value_states, layer_idx, cache_kwargs)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def with_policy(self, policy: Policy, budget: Budget | float | int) -> PolicyCache:
         """A new cache deciding with `policy` on this recording cache's prefill, without running it again."""

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import CacheLayerMixin
 
 from kvsim.errors import KvsimError
 from kvsim.kernels import causal_attention_column_stats
+from kvsim.live.layer_base import SeenTokensLayer
 from kvsim.live.lowbit import PackedTokens
 from kvsim.policies.compress import select
 from kvsim.policies.view import CacheView
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 PADDING = -1
 
 
-class PolicyLayer(CacheLayerMixin):
+class PolicyLayer(SeenTokensLayer):
     is_sliding = False
 
     def __init__(self, index: int, cache: PolicyCache) -> None:
@@ -65,7 +65,7 @@ class PolicyLayer(CacheLayerMixin):
         self.positions = torch.empty(key_states.shape[1], 0, dtype=torch.int64, device=self.device)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, cache_kwargs=None):
+    def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[2]
@@ -77,15 +77,6 @@ class PolicyLayer(CacheLayerMixin):
             self.colsum = torch.cat([self.colsum, self.colsum.new_zeros(self.colsum.shape[0], n)], dim=1)
         self.seen += n
         return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.seen + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def adopt_prefill(self, recorded: PolicyLayer) -> None:
         """Start from another layer's recorded prefill (its tensors are shared, never written in place)."""

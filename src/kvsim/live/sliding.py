@@ -14,14 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from kvsim.errors import KvsimError
 from kvsim.kernels import causal_attention_column_stats
+from kvsim.live.layer_base import SeenTokensLayer
 from kvsim.traces.recorder import causal_sdpa, decode_attention
 
 
-class SlidingLayer(CacheLayerMixin):
+class SlidingLayer(SeenTokensLayer):
     is_sliding = True
     prefill_view = None  # nothing for a policy to decide on
 
@@ -39,7 +39,7 @@ class SlidingLayer(CacheLayerMixin):
         self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         self.is_initialized = True
 
-    def update(self, key_states, value_states, cache_kwargs=None):
+    def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=2)
@@ -47,13 +47,7 @@ class SlidingLayer(CacheLayerMixin):
         self.seen += key_states.shape[2]
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.seen + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
+    def get_max_length(self) -> int:
         return self.window
 
     def adopt_prefill(self, recorded: SlidingLayer) -> None:
