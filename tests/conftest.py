@@ -30,49 +30,31 @@ from transformers import (  # noqa: E402
 
 from kvsim.traces.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model, load_tokenizer  # noqa: E402
 
+def tiny(model_class, config_class, **shape):
+    """A builder of a random-weight `model_class` with the given shape, for a vocabulary size."""
+    common = {"max_position_embeddings": 4096, "tie_word_embeddings": True}
+    return lambda vocab: model_class(config_class(vocab_size=vocab, **common, **shape))
+
+
 # Tiny shapes of every supported architecture (`kvsim.shape.ARCHITECTURES`), with different GQA
 # group sizes and head dims so layout bugs show. Mistral slides every layer over 48 tokens; Gemma 3
 # alternates sliding and full layers and scales by query_pre_attn_scalar (not head_dim), as the real
 # ones do, so a prompt of a few hundred tokens crosses every window.
 TINY_CONFIGS = {
-    "llama": lambda vocab: LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        )
-    ),
-    "qwen2": lambda vocab: Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True,
-        )
-    ),
-    "qwen3": lambda vocab: Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2, head_dim=24,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        )
-    ),
-    "phi3": lambda vocab: Phi3ForCausalLM(
-        Phi3Config(
-            vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-            num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=0,
-        )
-    ),
-    "mistral": lambda vocab: MistralForCausalLM(
-        MistralConfig(
-            vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, sliding_window=48, max_position_embeddings=4096, tie_word_embeddings=True,
-        )
-    ),
-    "gemma3_text": lambda vocab: Gemma3ForCausalLM(
-        Gemma3TextConfig(
-            vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24, sliding_window=48,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=0,
-        )
-    ),
+    "llama": tiny(LlamaForCausalLM, LlamaConfig, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2),
+    "qwen2": tiny(Qwen2ForCausalLM, Qwen2Config, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1),
+    "qwen3": tiny(Qwen3ForCausalLM, Qwen3Config, hidden_size=48, intermediate_size=96, num_hidden_layers=2, head_dim=24,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "phi3": tiny(Phi3ForCausalLM, Phi3Config, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=6, num_key_value_heads=2, pad_token_id=0),
+    "mistral": tiny(MistralForCausalLM, MistralConfig, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=48),
+    "gemma3_text": tiny(Gemma3ForCausalLM, Gemma3TextConfig, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
+                        sliding_window=48, pad_token_id=0,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
 }
 
 
