@@ -48,12 +48,12 @@ TINY_CONFIGS = {
     "qwen3": tiny(Qwen3ForCausalLM, Qwen3Config, hidden_size=48, intermediate_size=96, num_hidden_layers=2, head_dim=24,
                   num_attention_heads=4, num_key_value_heads=2),
     "phi3": tiny(Phi3ForCausalLM, Phi3Config, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=6, num_key_value_heads=2, pad_token_id=0),
+                 num_attention_heads=6, num_key_value_heads=2),
     "mistral": tiny(MistralForCausalLM, MistralConfig, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, sliding_window=48),
     "gemma3_text": tiny(Gemma3ForCausalLM, Gemma3TextConfig, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
-                        sliding_window=48, pad_token_id=0,
+                        sliding_window=48,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
 }
 

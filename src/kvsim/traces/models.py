@@ -192,7 +192,9 @@ def _materialize(source: ModelSource, trust_remote_code: bool) -> str:
     if source.kind in ("local", "hub"):
         return source.location
     gguf = Path(source.location)
-    folder = cache_root() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:12]}"
+    # One folder per transformers release: a tokenizer saved by 5.2 loads as another class, splitting
+    # words on id 0, under 5.24, so a folder is only read by the release that wrote it.
+    folder = cache_root() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:12]}-transformers{transformers.__version__}"
     if not (folder / "config.json").is_file():
         _dequantize_into(gguf, folder, trust_remote_code)
     return str(folder)
