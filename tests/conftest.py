@@ -81,7 +81,7 @@ def tiny_any_model(request, bundled_tokenizer) -> LoadedModel:
     return build_tiny_model(request.param, bundled_tokenizer)
 
 
-@pytest.fixture(scope="session", params=["llama", "phi3", "qwen2", "qwen3"])
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_model(request, bundled_tokenizer) -> LoadedModel:
     """The full-attention architectures, for tests whose reference is one attention mask for every layer."""
     return build_tiny_model(request.param, bundled_tokenizer)
@@ -90,3 +90,12 @@ def tiny_model(request, bundled_tokenizer) -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_llama(bundled_tokenizer) -> LoadedModel:
     return build_tiny_model("llama", bundled_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny_llama):
+    """The tiny model saved as a Hugging Face folder, the way a user passes a local model."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    return folder

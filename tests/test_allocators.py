@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from kvsim.errors import KvsimError
 from kvsim.policies import REGISTRY, CacheView, Policy, part_from_spec
 from kvsim.policies.allocators.all_tokens import AllTokens
+from kvsim.policies.allocators.base import Protected
 from kvsim.policies.allocators.cake_preference import CakePreference
 from kvsim.policies.allocators.free_vector import FreeVector
 from kvsim.policies.allocators.head_adaptive import HeadAdaptive
+from kvsim.policies.allocators.knots import Knots
 from kvsim.policies.allocators.prefix_mass import PrefixMass
 from kvsim.policies.allocators.pyramid import Pyramid
 from kvsim.policies.allocators.retrieval_heads import RetrievalHeads
@@ -74,21 +76,16 @@ def caches(draw, equal_lengths: bool = False):
 
 
 def allocators_for(draw, n_layers: int) -> list:
-    recent = draw(st.integers(0, 12))
     return [
         Uniform(),
-        Pyramid(beta=draw(st.integers(1, 40)), recent=recent),
-        HeadAdaptive(alpha=draw(st.floats(0.0, 1.0)), recent=recent),
+        Pyramid(beta=draw(st.integers(1, 40))),
+        HeadAdaptive(alpha=draw(st.floats(0.0, 1.0))),
         CakePreference(window=draw(st.integers(2, QUERY_WINDOW)), tau1=draw(st.floats(0.2, 5.0)), tau2=draw(st.floats(0.2, 5.0))),
         PrefixMass(),
         VarianceSoftmax(),
         FreeVector(weights=tuple(draw(st.lists(st.floats(0.01, 100.0), min_size=n_layers, max_size=n_layers)))),
-        RetrievalHeads(
-            retrieval_ratio=draw(st.floats(0.0, 1.0)),
-            sinks=draw(st.integers(0, 6)),
-            local=draw(st.integers(1, 40)),
-            window=draw(st.integers(1, QUERY_WINDOW)),
-        ),
+        RetrievalHeads(retrieval_ratio=draw(st.floats(0.0, 1.0)), window=draw(st.integers(1, QUERY_WINDOW))),
+        Knots(knots=tuple(draw(st.lists(st.floats(0.1, 10.0), min_size=1, max_size=5))), head_strength=draw(st.floats(0.0, 1.0))),
     ]
 
 
@@ -97,8 +94,9 @@ def allocators_for(draw, n_layers: int) -> list:
 def test_every_allocator_meets_the_total_exactly_within_caps(cache, data):
     views, scores, per_head = cache
     lengths = torch.tensor([view.length for view in views])
+    protected = Protected(sinks=data.draw(st.integers(0, 6)), recent=data.draw(st.integers(0, 12)))
     for allocator in allocators_for(data.draw, len(views)):
-        budgets = allocator.allocate(views, scores, per_head)
+        budgets = allocator.allocate(views, scores, per_head, protected)
         assert budgets.dtype == torch.int64, allocator.name
         assert budgets.shape == (len(views), views[0].kv_heads), allocator.name
         assert int(budgets.sum()) == len(views) * views[0].kv_heads * per_head, allocator.name
@@ -109,24 +107,46 @@ def test_every_allocator_meets_the_total_exactly_within_caps(cache, data):
 @given(cache=caches())
 def test_layerwise_allocators_give_every_head_of_a_layer_the_same_budget(cache):
     views, scores, per_head = cache
-    for allocator in (Pyramid(recent=4), CakePreference(window=4), PrefixMass(), VarianceSoftmax(), FreeVector(weights=(1.0,) * len(views))):
-        budgets = allocator.allocate(views, scores, per_head)
+    layerwise = (Pyramid(), CakePreference(window=4), PrefixMass(), VarianceSoftmax(), FreeVector(weights=(1.0,) * len(views)), Knots(knots=(3.0, 1.0, 2.0)))
+    for allocator in layerwise:
+        budgets = allocator.allocate(views, scores, per_head, Protected(recent=4))
         assert bool((budgets == budgets[:, :1]).all()), allocator.name
 
 
 @settings(max_examples=60, deadline=None)
-@given(cache=caches(equal_lengths=True), beta=st.integers(1, 40), recent=st.integers(0, 12))
-def test_pyramid_budgets_never_grow_with_depth(cache, beta, recent):
+@given(cache=caches(equal_lengths=True), beta=st.integers(1, 40), sinks=st.integers(0, 4), recent=st.integers(0, 12))
+def test_pyramid_budgets_never_grow_with_depth(cache, beta, sinks, recent):
     views, scores, per_head = cache
-    budgets = Pyramid(beta=beta, recent=recent).allocate(views, scores, per_head)[:, 0]
+    budgets = Pyramid(beta=beta).allocate(views, scores, per_head, Protected(sinks, recent))[:, 0]
     assert all(budgets[i] >= budgets[i + 1] for i in range(len(budgets) - 1)), budgets.tolist()
 
 
 def test_pyramid_is_a_real_pyramid_for_a_small_budget():
     views = make_views([200] * 8, 1, 1, seed=0)
-    budgets = Pyramid(beta=20, recent=8).allocate(views, [None] * 8, 40)[:, 0]
+    budgets = Pyramid(beta=20).allocate(views, [None] * 8, 40, Protected(recent=8))[:, 0]
     assert budgets[0] > 2 * budgets[-1]
     assert budgets[-1] >= 8  # the window is added back to every layer, as in the reference
+
+
+def test_knots_interpolate_a_depth_profile_over_the_unprotected_budget():
+    views = make_views([200] * 5, 2, 1, seed=0)
+    profile = Knots(knots=(4.0, 1.0, 2.0)).profile(5)
+    assert profile.tolist() == [4.0, 2.5, 1.0, 1.5, 2.0]  # knots at depths 0, 1/2, 1
+    # 8 protected tokens per layer, the other 5 · 22 = 110 split 4 : 2.5 : 1 : 1.5 : 2 (of 11).
+    budgets = Knots(knots=(4.0, 1.0, 2.0)).allocate(views, [None] * 5, 30, Protected(sinks=2, recent=6))[:, 0]
+    assert budgets.tolist() == [8 + 40, 8 + 25, 8 + 10, 8 + 15, 8 + 20]
+    assert Knots(knots=(5.0,)).allocate(views, [None] * 5, 40).tolist() == [[40, 40]] * 5  # one knot: flat
+
+
+@settings(max_examples=30, deadline=None)
+@given(cache=caches(equal_lengths=True), alpha=st.floats(0.0, 1.0), sinks=st.integers(0, 4), recent=st.integers(0, 12))
+def test_knots_head_strength_is_ada_kv_head_competition(cache, alpha, sinks, recent):
+    # A flat profile over equal layers gives every layer the per-head budget; the heads then compete
+    # exactly as in head_adaptive with alpha = 1 − head_strength.
+    views, scores, per_head = cache
+    protected = Protected(sinks, recent)
+    knots = Knots(knots=(1.0, 1.0), head_strength=1.0 - alpha).allocate(views, scores, per_head, protected)
+    assert knots.tolist() == HeadAdaptive(alpha=alpha).allocate(views, scores, per_head, protected).tolist()
 
 
 def test_all_tokens_ignores_the_budget():
@@ -148,11 +168,14 @@ def test_head_adaptive_gives_concentrated_attention_more_budget_and_keeps_the_al
     assert HeadAdaptive(alpha=1.0).allocate(views, scores, 20).tolist() == [[20, 20]]
     # The protected window is given to every head and kept out of the competition: b = 10, all ten
     # competition slots per head go to head 0's peaks, and each head keeps its 10 window tokens...
-    assert HeadAdaptive(alpha=0.0, recent=10).allocate(views, scores, 20).tolist() == [[30, 10]]
-    # ...while peaks inside the window win nothing.
+    assert HeadAdaptive(alpha=0.0).allocate(views, scores, 20, Protected(recent=10)).tolist() == [[30, 10]]
+    # ...while peaks inside the window, or on the sinks, win nothing.
     late = torch.zeros(200)
     late[-10:] = 1.0
-    assert HeadAdaptive(alpha=0.0, recent=10).allocate(views, [torch.stack([late, flat])], 20).tolist() == [[10, 30]]
+    assert HeadAdaptive(alpha=0.0).allocate(views, [torch.stack([late, flat])], 20, Protected(recent=10)).tolist() == [[10, 30]]
+    early = torch.zeros(200)
+    early[:10] = 1.0
+    assert HeadAdaptive(alpha=0.0).allocate(views, [torch.stack([early, flat])], 20, Protected(sinks=10)).tolist() == [[10, 30]]
 
 
 def test_prefix_mass_gives_diffuse_layers_more_than_concentrated_ones():
@@ -191,12 +214,13 @@ def test_retrieval_heads_keep_everything_and_streaming_heads_share_the_rest():
     direction = torch.ones(HEAD_DIM) * 3
     views[1].keys[1, 10:20] = direction
     views[1].queries[1] = direction
-    allocator = RetrievalHeads(retrieval_ratio=0.25, sinks=4, local=8, window=8)
-    budgets = allocator.allocate(views, [None, None], 32)
+    allocator = RetrievalHeads(retrieval_ratio=0.25, window=8)
+    protected = Protected(sinks=4, recent=8)  # the schedule's sinks and local window
+    budgets = allocator.allocate(views, [None, None], 32, protected)
     assert budgets.tolist() == [[22, 21], [21, 64]]
     # Too small a budget for a full retrieval head: streaming heads keep sinks + local (12) each,
     # the retrieval head gets what is left.
-    assert allocator.allocate(views, [None, None], 16).tolist() == [[12, 12], [12, 28]]
+    assert allocator.allocate(views, [None, None], 16, protected).tolist() == [[12, 12], [12, 28]]
 
 
 def test_free_vector_is_sized_for_one_model():
@@ -226,10 +250,15 @@ def test_free_vector_round_trips_and_is_searched_with_the_layer_count():
         ("allocator", {"name": "head_adaptive", "alpha": 1.5}, "alpha must be in \\[0, 1\\], got 1.5"),
         ("allocator", {"name": "head_adaptive", "alpha": "high"}, "parameter 'alpha' must be float"),
         ("allocator", {"name": "pyramid", "beta": 0}, "beta must be >= 1"),
-        ("allocator", {"name": "pyramid", "recent": -1}, "recent must be >= 0"),
+        ("allocator", {"name": "pyramid", "recent": 32}, "no longer has parameter 'recent': .*schedule's sinks and recent"),
+        ("allocator", {"name": "head_adaptive", "recent": 32}, "no longer has parameter 'recent'"),
+        ("allocator", {"name": "retrieval_heads", "local": 32}, "no longer has parameter 'local'"),
         ("allocator", {"name": "cake_preference", "tau1": 0.0}, "tau1 must be > 0"),
         ("allocator", {"name": "cake_preference", "window": 1}, "window must be >= 2"),
         ("allocator", {"name": "free_vector"}, "non-empty"),
+        ("allocator", {"name": "knots", "knots": []}, "knots must be a non-empty list"),
+        ("allocator", {"name": "knots", "knots": [1.0, 0.0]}, "knots must all be positive"),
+        ("allocator", {"name": "knots", "head_strength": 2.0}, "head_strength must be in \\[0, 1\\]"),
         ("allocator", {"name": "free_vector", "weights": [1.0, -2.0]}, "positive"),
         ("allocator", {"name": "free_vector", "weights": 3}, "must be a list"),
         ("allocator", {"name": "retrieval_heads", "retrieval_ratio": 2.0}, "retrieval_ratio must be in"),

@@ -22,15 +22,6 @@ def kvsim(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny_llama):
-    """The tiny model saved as a Hugging Face folder, the way a user passes a local model."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama.model.save_pretrained(folder)
-    tiny_llama.tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("command", [["capture"], ["traces", "info"], ["traces", "verify"]])
 def test_every_subcommand_has_help_with_an_example(command):
     result = kvsim(*command, "--help")

@@ -9,9 +9,10 @@ from transformers import DynamicCache
 
 from kvsim.errors import KvsimError
 from kvsim.live.cache import PolicyCache
-from kvsim.live.lowbit import PackedTokens
 from kvsim.policies.allocators.uniform import Uniform
 from kvsim.policies.budget import Budget
+from kvsim.policies.held import token_bytes
+from kvsim.policies.lowbit import PackedTokens
 from kvsim.policies.policy import Policy
 from kvsim.policies.presets import PRESETS
 from kvsim.policies.retention import fake_quantize
@@ -98,11 +99,19 @@ def test_memory_held_matches_the_budget_rule(tiny_model, prompt_ids, preset):
     for layer in range(config.num_hidden_layers):
         counts = [len(p) for p in cache.kept_positions(layer)]
         assert counts == cache.budgets[layer].tolist()
-    slot_bytes = 2 * head_dim * 4  # keys and values, fp32
-    padding = cache.padding_bytes()
-    assert cache.held_bytes() == full * slot_bytes + padding
-    widths = [cache.layers[layer].positions.shape[1] for layer in range(config.num_hidden_layers)]
-    assert padding == sum(w * kv_heads - int(b.sum()) for w, b in zip(widths, cache.budgets)) * slot_bytes
+    # Each head holds exactly its own tokens (no padding), counted at the serving dtype (fp16, 2 bytes).
+    assert cache.held_bytes() == full * 2 * head_dim * 2 == full * token_bytes(head_dim)
+
+
+@torch.inference_mode()
+def test_per_head_budgets_hold_no_more_bytes_than_uniform_ones(tiny_model, prompt_ids):
+    model = tiny_model.model
+    held = {}
+    for preset in ("snapkv", "adakv", "razor"):
+        cache = PolicyCache.for_model(PRESETS[preset], 0.25, model)
+        model(prompt_ids, past_key_values=cache)
+        held[preset] = cache.held_bytes()
+    assert held["adakv"] == held["snapkv"] and held["razor"] == held["snapkv"]
 
 
 @torch.inference_mode()
@@ -131,10 +140,10 @@ def test_low_precision_tokens_are_stored_packed(tiny_model, prompt_ids):
     model = tiny_model.model
     cache = PolicyCache.for_model(PRESETS["mikv"], 0.25, model)  # 2-bit retention of evicted tokens
     model(prompt_ids, past_key_values=cache)
-    layer = cache.layers[0]
-    kv_heads, head_dim = layer.keys.shape[1], layer.keys.shape[3]
+    held = cache.layers[0].held
+    kv_heads, head_dim = model.config.num_key_value_heads, held.full.keys.shape[-1]
     evicted = PROMPT - round(0.25 * PROMPT)
-    assert layer.low_keys.codes.shape == (kv_heads, evicted, head_dim // 4)
+    assert held.low.keys.codes.shape == (kv_heads * evicted, head_dim // 4)
     assert cache.held_tokens() == (int(cache.budgets.sum()), evicted * kv_heads * model.config.num_hidden_layers)
 
 
@@ -175,3 +184,43 @@ def test_kvsim_live_without_a_policy_cache_is_plain_causal_attention_even_in_chu
     model(prompt_ids[:, :-20], past_key_values=cache)
     chunked = model(prompt_ids[:, -20:], past_key_values=cache).logits[0]
     torch.testing.assert_close(chunked, reference, atol=2e-5, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_padded_inputs_are_refused_not_silently_attended(tiny_model, prompt_ids):
+    model = tiny_model.model
+    padded = torch.ones_like(prompt_ids)
+    padded[0, :3] = 0
+    with pytest.raises(KvsimError, match="padding"):
+        model(prompt_ids, attention_mask=padded, past_key_values=PolicyCache.for_model(PRESETS["snapkv"], 0.2, model))
+    model(prompt_ids, attention_mask=torch.ones_like(prompt_ids), past_key_values=PolicyCache.for_model(PRESETS["snapkv"], 0.2, model))
+
+
+def test_attention_refuses_keys_its_policy_cache_did_not_return(tiny_model):
+    from types import SimpleNamespace
+
+    from kvsim.live.attention import _attention, activate
+
+    cache = PolicyCache.for_model(PRESETS["snapkv"], 0.2, tiny_model.model)
+    query, keys = torch.zeros(1, 6, 1, 8), torch.zeros(1, 2, 4, 8)
+    activate(cache, 0, keys)
+    with pytest.raises(KvsimError, match="did not return"):
+        _attention(SimpleNamespace(layer_idx=0), query, keys.clone(), keys.clone(), None)
+
+
+@torch.inference_mode()
+def test_lagged_schedules_read_a_block_per_eviction_like_token_by_token(tiny_model, prompt_ids):
+    """Nothing is evicted between a lagged policy's steps, so `feed` reads up to the next eviction in
+    one forward: same logits and same kept tokens as one token per forward (3 forwards, not 40)."""
+    from kvsim.live.runner import feed
+
+    model = tiny_model.model
+    tokens = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    blocked, stepped = (PolicyCache.for_model(PRESETS["lazy"], 48, model) for _ in range(2))  # evicts every 16 tokens
+    model(prompt_ids, past_key_values=blocked)
+    model(prompt_ids, past_key_values=stepped)
+    in_blocks = feed(model, blocked, tokens)
+    one_by_one = torch.cat([model(tokens[None, i : i + 1], past_key_values=stepped).logits[0] for i in range(40)])
+    torch.testing.assert_close(in_blocks, one_by_one, atol=1e-4, rtol=1e-4)
+    for layer in range(model.config.num_hidden_layers):
+        assert [p.tolist() for p in blocked.kept_positions(layer)] == [p.tolist() for p in stepped.kept_positions(layer)]

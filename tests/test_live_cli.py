@@ -16,10 +16,14 @@ from kvsim.cli.main import app
 from kvsim.errors import KvsimError
 from kvsim.live.kvpress_export import build_press, write_press_script
 from kvsim.policies.allocators.free_vector import FreeVector
+from kvsim.policies.allocators.uniform import Uniform
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
 from kvsim.policies.presets import PRESETS
+from kvsim.policies.scorers.key_diff import KeyDiff
+from kvsim.policies.scorers.lag_kv import LagKV
 from kvsim.policies.scorers.window_attention import WindowAttention
+from kvsim.search.rundir import SearchRun
 from kvsim.traces.store import TraceSet
 
 runner = CliRunner()
@@ -51,7 +55,7 @@ def test_validate_reports_live_metrics_beside_the_simulators(validation):
     path, output = validation
     table = pl.read_parquet(path)
     assert table.height == 2 * 3
-    assert {"sim_score", "score", "kl", "top1", "kv_bytes", "padding_bytes", "decode_ms_per_token"} <= set(table.columns)
+    assert {"sim_score", "score", "kl", "top1", "kv_bytes", "decode_ms_per_token"} <= set(table.columns)
     full = table.filter(pl.col("policy") == "full")
     # The full cache reproduces the traced continuation and its answer.
     assert full["top1"].min() == 1.0 and full["kl"].max() < 1e-3
@@ -120,6 +124,12 @@ KVPRESS_POLICIES = {
     "pyramidkv": PRESETS["pyramidkv"],
     "adakv": PRESETS["adakv"],
     "knorm": PRESETS["knorm"],
+    "keydiff": PRESETS["keydiff"],
+    "lagkv": Policy("lagkv", LagKV(lag=16), Uniform()),
+    "expected_attention": PRESETS["expected_attention"],
+    "adakv_expected_attention": PRESETS["adakv_expected_attention"],
+    # (kvpress 0.5.5's ChunkKVPress around SnapKVPress fails on its own reshape, so KeyDiff is chunked.)
+    "chunkkv": Policy("chunkkv", KeyDiff(pool="chunk", kernel=8), Uniform()),
     "streaming_prefill": Policy("streaming_prefill", PRESETS["streaming_llm"].scorer, PRESETS["streaming_llm"].allocator),
     "free_vector": Policy("vector", WindowAttention(window=8), FreeVector(weights=(1.0, 2.0, 3.0))),
 }
@@ -142,7 +152,7 @@ def test_kvpress_export_runs_as_a_press(name, tiny_llama, tmp_path):
     full_cache = DynamicCache(config=model.config)
     model(ids, past_key_values=full_cache)
     assert not torch.allclose(pressed, model(ids[:, :1], past_key_values=full_cache).logits)
-    if name != "adakv":  # kvpress's Ada-KV masks evicted entries instead of removing them
+    if "adakv" not in name:  # kvpress's Ada-KV masks evicted entries instead of removing them
         assert sum(layer.keys.shape[2] for layer in cache.layers) < 3 * 97 * 0.5
     namespace = {}
     exec(write_press_script(policy, budget, tmp_path / "press.py").read_text(), namespace)
@@ -156,22 +166,41 @@ def test_policies_without_a_kvpress_counterpart_say_why():
         build_press(PRESETS["snapkv"], Budget(64))
 
 
-def test_a_search_runs_winners_are_validated_and_exported(bundled_traces, tmp_path):
+def test_a_search_runs_winners_are_validated_on_its_test_samples_and_exported(bundled_traces, tmp_path):
     run = tmp_path / "run"
-    searched = kvsim_cli("search", "--traces", bundled_traces, "--budget", "0.3", "--trials", 3, "--held-out", "0.5", "--out", run)
+    searched = kvsim_cli("search", "--traces", bundled_traces, "--mode", "query-aware", "--budget", "0.3", "--trials", 3,
+                         "--validation", 0, "--test", "0.5", "--out", run)
     assert searched.exit_code == 0, searched.output
-    held_out = json.loads((run / "search.json").read_text())["samples"]["held_out"]
+    summary = json.loads((run / "search.json").read_text())
+    test = summary["samples"]["test"]
+    assert summary["tier"] == "exact" and len(test) == 1 and not set(test) & set(summary["samples"]["search"])
+    trials = pl.read_parquet(run / "trials.parquet")
+    # The presets run first (enqueued), and the first trials are scored by the real model.
+    assert trials["family"].to_list()[:3] == ["preset:random", "preset:streaming_llm", "preset:h2o"]
+    assert trials.filter(pl.col("state") == "COMPLETE")["tier"].to_list() == ["exact"] * 3
+    assert summary["top"][0]["validation"]["answer_logprob"] < 0
     validated = kvsim_cli("validate", "--run", run, "--top", 1, "--policy", "snapkv")
     assert validated.exit_code == 0, validated.output
     table = pl.read_parquet(run / "validation.parquet")
-    assert set(table["sample_id"]) == set(held_out)
+    assert set(table["sample_id"]) == set(test)
     policies = set(table["policy"])
     assert len(policies) == 2 and "snapkv" in policies and any(name.startswith("top1-") for name in policies)
-    assert "<!-- kvsim:validation -->" in (run / "report.html").read_text()
+    report = (run / "report.html").read_text()
+    assert "against every preset" in report and "the best preset (snapkv)" in report
     exported = kvsim_cli("export", "--run", run, "--out", run / "winner.json")
     assert exported.exit_code == 0, exported.output
     data = json.loads((run / "winner.json").read_text())
-    assert data["provenance"]["study"] == "kvsim" and data["metrics"]["validated"]["samples"] == len(held_out)
-    assert "winner: top1-" in exported.output and "held-out samples" in exported.output
+    assert data["provenance"]["study"] == "kvsim" and data["metrics"]["validated"]["samples"] == len(test)
+    assert "winner: top1-" in exported.output and "the best preset (snapkv)" in exported.output
     missing = kvsim_cli("validate", "--run", tmp_path / "nothing")
     assert missing.exit_code == 2 and "is not a search run" in missing.output
+
+
+def test_a_run_without_test_samples_is_refused_instead_of_validated_on_search_samples(tmp_path):
+    run = SearchRun(tmp_path)
+    run.write_top_spec(1, {"policy": PRESETS["snapkv"].to_spec(), "budget": 0.2})
+    run.write_summary({"study": "s", "traces": "t", "mode": "query-aware", "samples": {"search": ["a", "b"], "validation": [], "test": []},
+                       "top": [{"rank": 1, "name": "snapkv", "spec": "top/1.json", "budget": 0.2}]})
+    assert run.winners(1)[0][0].name == "top1-snapkv"
+    with pytest.raises(KvsimError, match="no test samples"):
+        run.test_samples()

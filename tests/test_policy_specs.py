@@ -47,6 +47,52 @@ def test_bad_specs_name_the_problem(spec, message):
         Policy.from_spec(spec)
 
 
+MIXTURE = {
+    "name": "mixture",
+    "scorers": [{"name": "window_attention", "window": 48}, {"name": "key_norm"}, {"name": "recency"}],
+    "weights": [0.6, 0.3, 0.1],
+    "normalize": "z",
+}
+
+
+def test_a_mixture_nests_its_scorers_specs_and_round_trips(tmp_path):
+    spec = snapkv_spec()
+    spec["scorer"] = MIXTURE
+    policy = Policy.from_spec(spec)
+    assert [part.name for part in policy.scorer.scorers] == ["window_attention", "key_norm", "recency"]
+    assert policy.observation_window == 48  # a component's window is the policy's: traces must hold it
+    path = tmp_path / "mixture.json"
+    path.write_text(json.dumps(policy.to_spec()))
+    assert load_policy_spec(path) == policy
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"weights": [0.6, 0.4]}, "one weight per scorer: 3 scorers, 2 weights"),
+        ({"scorers": [{"name": "key_norm"}], "weights": [1.0]}, "at least two scorers"),
+        ({"weights": [0.6, 0.0, 0.1]}, "weights must all be positive"),
+        ({"normalize": "minmax"}, "normalize must be one of rank, z"),
+        ({"scorers": [{"name": "key_nrm"}, {"name": "recency"}, {"name": "recency"}]}, "unknown scorer 'key_nrm'"),
+        ({"scorers": [{"name": "window_attention", "kernel": 4}, {"name": "recency"}, {"name": "recency"}]}, "kernel must be an odd number"),
+        ({"scorers": "key_norm"}, "must be a list of specs"),
+    ],
+)
+def test_bad_mixtures_name_the_problem(changes, message):
+    spec = snapkv_spec()
+    spec["scorer"] = {**MIXTURE, **changes}
+    with pytest.raises(KvsimError, match=message) as error:
+        Policy.from_spec(spec)
+    assert "\n" not in str(error.value)
+
+
+def test_an_old_spec_with_the_window_on_its_allocator_is_refused_with_the_fix():
+    spec = PRESETS["pyramidkv"].to_spec()
+    spec["allocator"]["recent"] = 32
+    with pytest.raises(KvsimError, match="allocator 'pyramid' no longer has parameter 'recent': the protected tokens are the schedule's"):
+        Policy.from_spec(spec)
+
+
 @pytest.mark.parametrize("value", [0.0, 1.5, -3, 0, True, "a"])
 def test_budgets_outside_the_rule_are_refused(value):
     with pytest.raises(KvsimError, match="budget"):
@@ -91,3 +137,15 @@ def test_simulate_cli_writes_both_tables_and_refuses_bad_input(tmp_path):
         bad = runner.invoke(app, ["simulate", "--traces", str(traces), "--out", str(tmp_path / "x.parquet"), *args])
         assert bad.exit_code == 2 and message in bad.output, bad.output
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_kvzip_refuses_traces_captured_without_its_statistics(tmp_path):
+    from kvsim.sim import simulate
+
+    traces = synthetic_traceset(tmp_path / "t", prompt_len=40, continuation=4, window=32, kvzip=False)
+    with pytest.raises(KvsimError, match="capture them with `kvsim capture --kvzip`"):
+        simulate(traces, [resolve_policy("kvzip")], [0.5])
+    result = CliRunner().invoke(app, ["simulate", "--traces", str(traces.root), "--policy", "kvzip,snapkv", "--out", str(tmp_path / "r.parquet")])
+    assert result.exit_code == 2 and result.output.count("\n") <= 2 and "--kvzip" in result.output, result.output
+    everything = CliRunner().invoke(app, ["simulate", "--traces", str(traces.root), "--budget", "0.5", "--out", str(tmp_path / "all.parquet")])
+    assert everything.exit_code == 0 and "expected_attention" in everything.output and " kvzip " not in everything.output

@@ -21,6 +21,7 @@ from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, Budget, CacheView, Policy, resolve_policy
 from kvsim.policies.allocators.uniform import Uniform
 from kvsim.policies.compress import compress_prefill
+from kvsim.policies.rope import Rotary
 from kvsim.policies.schedules import PrefillOnce
 from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
 from kvsim.policies.scorers.random_scores import RandomScores
@@ -67,6 +68,8 @@ class Layer:
             scaling=HEAD_DIM**-0.5,
             colsum=self.colsum,
             colsq=self.colsq,
+            rope=Rotary(tuple(10000.0 ** (-2 * i / HEAD_DIM) for i in range(HEAD_DIM // 2))),
+            reconstruction=self.colsum / LENGTH,  # any [heads, n] scores serve the budget checks
         )
 
     @property
@@ -303,7 +306,9 @@ def ref_razor(layers):
     for i, b in zip(others, apportion([1] * len(others), total - retrieval_total, [LENGTH] * len(others))):
         flat[i] = b
     budgets = [flat[layer * KV_HEADS : (layer + 1) * KV_HEADS] for layer in range(LAYERS)]
-    return [shared(np.arange(LENGTH, dtype=float)) for _ in layers], budgets, 4, 0
+    # The local window is protected by the schedule; under the recency score that keeps the same
+    # tokens as sinks + the most recent ones.
+    return [shared(np.arange(LENGTH, dtype=float)) for _ in layers], budgets, 4, local
 
 
 def ref_lazy(layers):
@@ -322,6 +327,7 @@ REFERENCES = {
     "pyramidkv": ref_pyramidkv,
     "adakv": ref_adakv,
     "cake": ref_cake,
+    "cake_prefill": ref_cake,  # CAKE's prefill decision; it only stops evicting while decoding
     "prefixkv": ref_prefixkv,
     "d2o": ref_d2o,
     "ems": ref_ems,
@@ -341,8 +347,12 @@ def kept_positions(keep: torch.Tensor) -> list[set[int]]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Presets checked against kvpress itself, token for token (test_kvpress_agreement.py).
+KVPRESS_CHECKED = {"kvzip", "expected_attention", "adakv_expected_attention", "keydiff", "lagkv", "chunkkv"}
+
+
 def test_every_preset_has_a_check():
-    assert set(PRESETS) == set(REFERENCES) | {"full", "random"}
+    assert set(PRESETS) == set(REFERENCES) | KVPRESS_CHECKED | {"full", "random"}
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))

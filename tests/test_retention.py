@@ -1,8 +1,17 @@
-"""Retention by hand: what merging and low precision do to the kept keys and values."""
+"""Retention by hand: what merging and low precision do to the kept keys and values, and which
+tokens a retention that spends the budget's bytes keeps at low precision."""
+
+from dataclasses import replace
 
 import torch
 
-from kvsim.policies.retention import Drop, Merge, Quantize, fake_quantize
+from kvsim.policies import Policy
+from kvsim.policies.allocators.uniform import Uniform
+from kvsim.policies.held import handed_to_retention, kv_bytes, token_bytes
+from kvsim.policies.retention import Drop, Merge, MixedPrecision, Quantize, fake_quantize
+from kvsim.policies.schedules import PrefillOnce
+from kvsim.policies.scorers.recency import Recency
+from kvsim.policies.view import CacheView
 
 
 def test_merge_folds_an_evicted_token_into_its_nearest_kept_one():
@@ -45,3 +54,30 @@ def test_drop_changes_nothing():
     keys = torch.randn(1, 3, 2)
     out = Drop().retain(keys, keys, torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.bool))
     assert out.keys is keys and not out.low_precision.any()
+
+
+def test_mixed_precision_spends_the_leftover_bytes_on_the_next_best_tokens():
+    # head_dim 16 at 2 bits: 64 bytes a full token, 2 · (4 + 4) = 16 a low one, so each full token
+    # given up buys four low ones.
+    retention = MixedPrecision(nbits=2, full_share=0.5)
+    assert (token_bytes(16), token_bytes(16, 2)) == (64, 16)
+    budgets = torch.tensor([10, 3])
+    assert retention.full_budgets(budgets).tolist() == [5, 2]  # round half to even: 1.5 -> 2
+    assert retention.low_budgets(budgets, retention.full_budgets(budgets), 64, 16).tolist() == [20, 4]
+    assert Quantize(nbits=2).low_budgets(budgets, budgets, 64, 16) is None  # plain quantize: on top of the budget
+
+    n = 40
+    view = CacheView(0, 1, torch.randn(2, n, 16), torch.randn(2, n, 16), torch.arange(n), torch.randn(2, 4, 16), torch.arange(n - 4, n), 0.25)
+    policy = Policy("mixed", Recency(), Uniform(), PrefillOnce(sinks=2), retention)
+    kept = torch.zeros(2, n, dtype=torch.bool)
+    kept[:, :2] = True  # the sinks
+    kept[0, n - 3 :] = True  # head 0: 5 full tokens (sinks + the 3 newest), head 1: 2
+    low = handed_to_retention(policy, view, kept, budgets)
+    # The next-best by recency: head 0 the 20 positions before its newest 3, head 1 the newest 4.
+    assert low[0].nonzero().flatten().tolist() == list(range(n - 23, n - 3))
+    assert low[1].nonzero().flatten().tolist() == list(range(n - 4, n))
+    held = kv_bytes(int(kept.sum()), int(low.sum()), 16, 2)
+    assert held <= kv_bytes(int(budgets.sum()), 0, 16, None)
+    assert not (low & kept).any()
+    # Dropping, merging and plain quantizing receive every evicted token.
+    assert torch.equal(handed_to_retention(replace(policy, retention=Drop()), view, kept, budgets), ~kept)

@@ -16,6 +16,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from search_helpers import BROAD_LAYERS, constructed_traceset, kvsim
 
+from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, Budget, load_policy_spec
 from kvsim.search import SearchSettings, search
 from kvsim.search.objective import Evaluator, Objective, checkpoints
@@ -39,13 +40,17 @@ def test_split_is_seeded_stratified_and_interleaved():
         "task": ["a"] * 8 + ["b"] * 4 + ["c"],
         "mode": ["query-aware"] * 13,
     })
-    split = split_samples(manifest, "query-aware", 0.25, seed=0)
-    assert sorted(split.search + split.held_out) == sorted(manifest["sample_id"])
-    assert [s[0] for s in split.held_out].count("a") == 2 and [s[0] for s in split.held_out].count("b") == 1
+    split = split_samples(manifest, "query-aware", 0.25, 0.25, seed=0)
+    assert sorted(split.search + split.validation + split.test) == sorted(manifest["sample_id"])
+    assert not set(split.search) & set(split.validation + split.test) and not set(split.validation) & set(split.test)
+    for chosen in (split.validation, split.test):
+        assert [s[0] for s in chosen].count("a") == 2 and [s[0] for s in chosen].count("b") == 1
     assert "c-0" in split.search  # a task with one sample is searched, not held out
     assert {s[0] for s in split.search[:3]} == {"a", "b", "c"}  # every prefix covers the tasks
-    assert split == split_samples(manifest, "query-aware", 0.25, seed=0)
-    assert split != split_samples(manifest, "query-aware", 0.25, seed=1)
+    assert split == split_samples(manifest, "query-aware", 0.25, 0.25, seed=0)
+    assert split != split_samples(manifest, "query-aware", 0.25, 0.25, seed=1)
+    with pytest.raises(KvsimError, match="leave no search samples"):
+        split_samples(manifest, "query-aware", 0.5, 0.5, seed=0)
     assert checkpoints(12) == [2, 4, 8, 12] and checkpoints(1) == [1]
 
 
@@ -58,18 +63,19 @@ def test_sim_score_of_a_replay_is_the_simulators(tmp_path):
 
 def test_study_finds_the_known_best_allocation(traces, tmp_path):
     # CMA-ES on the per-layer vector (SnapKV's scorer otherwise): the broad layers must get the budget.
-    summary = search(SearchSettings(traces=traces, budget=Budget(0.1), rundir=tmp_path, trials=30, sampler="cmaes", top=1))
-    winner = load_policy_spec(tmp_path / summary["top"][0]["spec"])
+    run = search(SearchSettings(traces=traces, budget=Budget(0.1), rundir=tmp_path, trials=30, sampler="cmaes", top=1, tier="proxy"))
+    summary = run.summary()
+    winner = load_policy_spec(run.rundir / summary["top"][0]["spec"])
     weights = winner.allocator.weights
     assert sum(weights[layer] for layer in BROAD_LAYERS) / sum(weights) > 0.75
     evaluator = Evaluator(TraceSet.open(traces), "query-aware")
     uniform = evaluator.mean(PRESETS["snapkv"], Budget(0.1), summary["samples"]["search"]).sim_score
-    assert summary["top"][0]["sim_score"]["search"] > uniform + 0.01
-    assert summary["top"][0]["sim_score"]["held_out"] is not None
+    assert summary["top"][0]["search_value"] > uniform + 0.01
+    assert summary["top"][0]["validation"]["sim_score"] > 0
 
 
 def test_resuming_a_study_adds_trials(traces, tmp_path):
-    args = ["search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--study", "again", "--held-out", 0, "--out", tmp_path]
+    args = ["search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--study", "again", "--validation", 0, "--test", 0, "--tier", "proxy", "--out", tmp_path]
     first = kvsim(*args, "--trials", 4)
     assert first.exit_code == 0, first.output
     before = pl.read_parquet(tmp_path / "trials.parquet")
@@ -84,7 +90,7 @@ def test_resuming_a_study_adds_trials(traces, tmp_path):
 
 def test_two_workers_on_one_journal_file_lose_and_duplicate_no_trial(traces, tmp_path):
     result = kvsim("search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--workers", 2,
-                   "--trials", 10, "--held-out", 0, "--out", tmp_path)
+                   "--trials", 10, "--validation", 0, "--test", 0, "--tier", "proxy", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "study.journal").exists() and not (tmp_path / "study.db").exists()
     study = optuna.load_study(study_name="kvsim", storage=JournalStorage(JournalFileBackend(str(tmp_path / "study.journal"))))
@@ -97,7 +103,7 @@ def test_two_workers_on_one_journal_file_lose_and_duplicate_no_trial(traces, tmp
 
 
 def test_a_trial_left_running_by_a_dead_process_is_run_again(traces, tmp_path):
-    args = ["search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--trials", 1, "--held-out", 0, "--out", tmp_path]
+    args = ["search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--trials", 1, "--validation", 0, "--test", 0, "--tier", "proxy", "--out", tmp_path]
     assert kvsim(*args).exit_code == 0
     # What a killed worker leaves behind: a RUNNING trial tagged with a process that is gone.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
@@ -106,6 +112,7 @@ def test_a_trial_left_running_by_a_dead_process_is_run_again(traces, tmp_path):
     for layer in range(4):
         orphan.suggest_float(f"allocator.free_vector.layer{layer}", 0.1, 10.0, log=True)
     orphan.set_user_attr("worker", f"{socket.gethostname()}:{int(gone.stdout)}")
+    orphan.set_user_attr("policy", "drawn in full")  # what Objective records after the last draw
 
     result = kvsim(*args)
     assert result.exit_code == 0, result.output
@@ -123,7 +130,7 @@ def test_pareto_study_writes_its_front(tmp_path):
     traces = tmp_path / "traces"
     synthetic_traceset(traces, samples=3, n_layers=2, prompt_len=64, continuation=4, window=64)
     result = kvsim("search", "--traces", traces, "--objective", "pareto", "--budget", "0.1,0.5", "--sampler", "nsga2",
-                   "--trials", 6, "--out", tmp_path / "run")
+                   "--trials", 6, "--tier", "proxy", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "search.json").read_text())
     assert summary["objective"] == "pareto" and summary["budget"] == [0.1, 0.5]
@@ -142,10 +149,12 @@ def test_pareto_study_writes_its_front(tmp_path):
         (["--budget", "0.1", "--workers", "2", "--storage", "sqlite:///x.db"], "serves one worker"),
         (["--mode", "query-agnostic"], "the traces hold no query-agnostic samples"),
         (["--objective", "pareto"], "explores a budget range"),
+        (["--tier", "oracle"], "unknown tier 'oracle'"),
+        (["--validation", "0.6", "--test", "0.5"], "leave no search samples"),
     ],
 )
 def test_bad_input_is_one_clear_line(traces, tmp_path, args, message):
-    result = kvsim("search", "--traces", traces, "--trials", 2, "--out", tmp_path / "run", *args)
+    result = kvsim("search", "--traces", traces, "--trials", 2, "--tier", "proxy", "--out", tmp_path / "run", *args)
     assert result.exit_code == 2
     assert message in result.output and result.output.count("error:") == 1
     assert "Traceback" not in result.output

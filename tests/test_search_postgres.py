@@ -82,7 +82,7 @@ def traces(tmp_path_factory):
 
 def search_args(traces, url, study, out, *extra):
     return ["search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--storage", url, "--study", study,
-            "--heartbeat", 1, "--held-out", 0, "--out", out, *extra]
+            "--heartbeat", 1, "--validation", 0, "--test", 0, "--tier", "proxy", "--out", out, *extra]
 
 
 def test_runs_on_two_machines_add_to_one_study(traces, postgres_url, tmp_path):
@@ -109,7 +109,7 @@ HANGING_WORKER = textwrap.dedent("""
 
     traces, url, announce = sys.argv[1:4]
     settings = SearchSettings(traces=Path(traces), budget=Budget(0.1), rundir=Path(announce).parent, study="killed",
-                              storage=url, sampler="cmaes", heartbeat_s=1, held_out=0)
+                              storage=url, sampler="cmaes", heartbeat_s=1, validation=0, test=0, tier="proxy")
     prepared = prepare(settings)
     study = open_study(prepared.storage, settings.study, prepared.study_settings)
     objective = Objective(Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget,

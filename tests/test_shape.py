@@ -40,11 +40,11 @@ def test_unsupported_architectures_and_soft_capping_are_refused_in_one_line():
         ModelShape.from_config(gemma3_config(attn_logit_softcapping=50.0))
 
 
-def test_a_format_1_traceset_loads_with_its_shape_derived_from_the_model_fields(tmp_path):
+def test_a_format_2_traceset_loads_with_its_shape_derived_from_the_model_fields(tmp_path):
     traceset = synthetic_traceset(tmp_path / "traces", n_layers=2, kv_heads=2, group=2, head_dim=16, window=32)
     manifest = tmp_path / "traces" / MANIFEST
-    meta = dict(traceset.meta, format_version=1)
-    meta["model"] = {"id": "old", "model_type": "llama", "n_layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}
+    meta = dict(traceset.meta, format_version=2)
+    meta["model"] = {key: value for key, value in meta["model"].items() if key != "shape"} | {"model_type": "llama"}
     pl.read_parquet(manifest).write_parquet(manifest, metadata={METADATA_KEY: json.dumps(meta)})
     old = TraceSet.open(tmp_path / "traces")
     assert old.shape == traceset.shape.__class__("llama", 2, 4, 2, 16, 16**-0.5, (None, None))

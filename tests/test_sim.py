@@ -47,7 +47,7 @@ def test_hand_computed_recall_and_error(tmp_path):
     expected_error = float((kept_out - full_out).norm() / full_out.norm())
     assert means["out_err"] == pytest.approx(expected_error, rel=1e-5)
     assert means["evidence_recall"] == pytest.approx(1.0)  # the needle (position 2) is kept
-    assert outcome.kept_tokens == 3 and outcome.kv_bytes == 3 * 2 * 2 * 2
+    assert outcome.kept_tokens == 2 and outcome.kv_bytes == 2 * 2 * 2 * 2  # prompt tokens held after the decision
 
     (dropped,) = replay_selection([~keep], [view], [full])
     assert dropped.metrics.means()["evidence_recall"] == 0.0
@@ -71,12 +71,12 @@ def test_budget_is_met_exactly_and_tables_have_the_documented_columns(tmp_path):
     assert set(result.samples["policy"]) == {"snapkv", "oracle"}
     per_head = {"0.2": 10, "11tok": 11}
     for row in result.layers.filter(result.layers["policy"] == "snapkv").iter_rows(named=True):
-        # Prompt tokens at the budget, plus the 6 continuation tokens, for each of 2 KV heads.
-        assert row["kept_tokens"] == 2 * (per_head[row["budget"]] + 6)
+        # Prompt tokens at the budget for each of 2 KV heads, right after the prompt's decision.
+        assert row["kept_tokens"] == 2 * per_head[row["budget"]]
     # The oracle moves tokens between layers but holds the same total.
     totals = result.layers.group_by("sample_id", "policy", "budget").agg(pl.col("kept_tokens").sum())
     for row in totals.iter_rows(named=True):
-        assert row["kept_tokens"] == 2 * 2 * (per_head[row["budget"]] + 6)
+        assert row["kept_tokens"] == 2 * 2 * per_head[row["budget"]]
     assert result.samples.height == 2 * 2 * 2 and result.samples["sim_score"].is_between(0, 1).all()
 
 

@@ -8,10 +8,15 @@ from dataclasses import replace
 import polars as pl
 import pytest
 
+import torch
+
 from kvsim.policies import PRESETS, Budget
+from kvsim.policies.compress import compress_prefill
+from kvsim.policies.held import HeldLayer
 from kvsim.policies.retention import Merge, Quantize
 from kvsim.policies.schedules import EveryStep, Lagged
 from kvsim.sim import simulate
+from kvsim.sim.continuation import continuation_attention, prefill_view
 from kvsim.traces.synthetic import synthetic_traceset
 
 PROMPT, CONTINUATION, KV_HEADS, LAYERS = 60, 9, 2, 2
@@ -34,7 +39,7 @@ def test_full_keeps_everything_whatever_the_budget(traceset):
     row = result.samples.row(0, named=True)
     assert row["attn_recall"] == pytest.approx(1.0, abs=1e-6) and row["out_err"] == pytest.approx(0.0, abs=1e-5)
     assert row["sim_score"] == pytest.approx(1.0, abs=1e-5) and row["evidence_recall"] == pytest.approx(1.0)
-    assert (result.layers["kept_tokens"] == KV_HEADS * (PROMPT + CONTINUATION)).all()
+    assert (result.layers["kept_tokens"] == KV_HEADS * PROMPT).all()  # counted after the prompt's decision
 
 
 def test_every_step_holds_each_head_at_its_budget(traceset):
@@ -46,9 +51,18 @@ def test_every_step_holds_each_head_at_its_budget(traceset):
 
 def test_lagged_eviction_lets_the_cache_grow_between_evictions(traceset):
     lagged = replace(PRESETS["h2o"], schedule=Lagged(recent=4, every=4))
-    layers = summary(traceset, lagged, 0.25).layers
-    # 9 continuation tokens: evictions after tokens 4 and 8, so one token waits at the end.
-    assert (layers["kept_tokens"] == KV_HEADS * (15 + CONTINUATION % 4)).all()
+    sample = next(iter(traceset))
+    view, full = prefill_view(sample, 0, LAYERS, 32), continuation_attention(sample, 0, 32)
+    (keep,), budgets = compress_prefill(lagged, [view], Budget(0.25), PROMPT)
+    layer = HeldLayer.after_prefill(lagged, view, keep, budgets[0], 32, torch.float32)
+    held = []
+    for row in range(CONTINUATION):
+        position = PROMPT + row
+        layer.append(full.keys[:, position : position + 1], full.values[:, position : position + 1])
+        layer.attend(full.queries[:, :, row : row + 1].reshape(view.heads, 1, -1))
+        held.append(layer.held_tokens()[0] // KV_HEADS)
+    # Evictions after tokens 4 and 8 bring each head back to 15; in between the cache grows.
+    assert held == [16, 17, 18, 15, 16, 17, 18, 15, 16]
 
 
 def test_every_step_at_the_whole_prompt_evicts_only_as_the_continuation_grows(traceset):
@@ -69,7 +83,7 @@ def test_low_precision_keeps_evicted_tokens_readable_and_counts_their_bytes(trac
     low = kept_8bit.layers["low_precision_tokens"]
     assert (low == KV_HEADS * (PROMPT - 6)).all()
     head_dim = 16
-    full_bytes = KV_HEADS * (6 + CONTINUATION) * 2 * head_dim * 2
+    full_bytes = KV_HEADS * 6 * 2 * head_dim * 2  # right after the prompt's decision
     assert (kept_8bit.layers["kv_bytes"] == full_bytes + low * 2 * (head_dim + 4)).all()
 
 

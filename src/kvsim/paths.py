@@ -57,11 +57,33 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
     return path
 
 
+def check_output_file(path: Path, what: str, magic: bytes | None = None) -> Path:
+    """Refuse, before any long work, an output path that is a folder or an existing file of another
+    kind (not starting with `magic`), which a run would otherwise replace without a word; then make
+    sure its folder is writable."""
+    if path.is_dir():
+        raise KvsimError(f"{what} {path} is a folder: pass a file path")
+    if magic is not None and path.exists():
+        try:
+            with open(path, "rb") as handle:
+                ours = handle.read(len(magic)) == magic
+        except OSError as err:
+            raise KvsimError(f"{what} {path} exists and cannot be read ({err.strerror}): pass another path") from err
+        if not ours:
+            raise KvsimError(f"{what} {path} exists and is not a file kvsim writes there: pass another path, or remove it")
+    ensure_writable_dir(path.parent, "output folder")
+    return path
+
+
 def read_json(path: Path, what: str, fix: str):
     """Parse a JSON file, or raise one KvsimError line naming `what` it was and how to `fix` it."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise KvsimError(f"cannot read {what} {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise KvsimError(f"{what} {path} is not UTF-8 text (byte {err.start}): {fix}") from err
     except json.JSONDecodeError as err:
         raise KvsimError(f"{what} {path} is not valid JSON (line {err.lineno}): {fix}") from err
+    except RecursionError as err:
+        raise KvsimError(f"{what} {path} is nested too deeply to read: {fix}") from err

@@ -91,7 +91,7 @@ class ModelShape:
 
     @classmethod
     def from_model_fields(cls, model: dict) -> ModelShape:
-        """The shape of a TraceSet or export written before shapes were stored (format 1): those
+        """The shape of a TraceSet (format 2) or export (version 1) written before shapes were stored: those
         captures ran every layer as full attention with the 1/sqrt(head_dim) scale."""
         try:
             head_dim = model["head_dim"]

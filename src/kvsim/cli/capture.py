@@ -43,6 +43,9 @@ def capture(
     ),
     dtype: str = typer.Option("float16", help=f"Storage dtype of K, V, Q: {', '.join(STORAGE_DTYPES)}."),
     top_k: int = typer.Option(20, help="Log-probabilities kept per continuation position."),
+    kvzip: bool = typer.Option(
+        False, "--kvzip", help="Also record KVzip's context-reconstruction scores (one more prefill-sized pass per mode)."
+    ),
     haystack: Path | None = typer.Option(None, help="UTF-8 text file to use as filler instead of the Python docs."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
 ) -> None:
@@ -51,7 +54,7 @@ def capture(
     Example: [bold]kvsim capture --workload passkey,multikey --samples 16 --out traces/smol[/]
     """
     settings = CaptureSettings(
-        window=window, max_new_tokens=max_new_tokens, top_k=top_k, storage_dtype=dtype, modes=mode.modes()
+        window=window, max_new_tokens=max_new_tokens, top_k=top_k, storage_dtype=dtype, modes=mode.modes(), kvzip=kvzip
     )
     with progress_bars() as progress:
         loading = progress.add_task(f"loading {model}", total=1, visible=False)

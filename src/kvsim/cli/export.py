@@ -8,19 +8,20 @@ import polars as pl
 import typer
 
 from kvsim.cli.common import console, human_bytes, reports_errors
-from kvsim.cli.validate import VALIDATION_FILE
 from kvsim.errors import KvsimError
 from kvsim.live.export import ExportedModel, ExportedPolicy
 from kvsim.live.kvpress_export import write_press_script
-from kvsim.live.search_run import read_search_run
-from kvsim.live.validate import summarize_validation
-from kvsim.paths import ensure_writable_dir
+from kvsim.paths import check_output_file
 from kvsim.policies import Budget, resolve_policy
+from kvsim.search.compare import against_best_preset, compare_with_presets, summary_line
+from kvsim.search.rundir import SearchRun
 from kvsim.sim import simulate
 from kvsim.traces.models import load_model
 from kvsim.traces.store import TraceSet
 
-METRIC_COLUMNS = ("sim_score", "attn_recall", "out_err", "kv_bytes", "score", "kl", "top1", "decode_ms_per_token")
+METRIC_COLUMNS = (
+    "sim_score", "attn_recall", "out_err", "kv_bytes", "score", "answer_logprob", "answer_match", "kl", "top1", "decode_ms_per_token",
+)
 
 
 @reports_errors
@@ -41,6 +42,7 @@ def export(
     Example: [bold]kvsim export --policy snapkv --budget 0.1 --traces runs/demo/traces --out winner.json[/]
     Example: [bold]kvsim export --run runs/demo --out runs/demo/winner.json[/]
     """
+    check_output_file(out, "--out")
     if run is not None:
         export_search_winner(run, out, kvpress)
         return
@@ -66,7 +68,7 @@ def export(
 
 
 def write_export(exported: ExportedPolicy, out: Path, kvpress: bool) -> Path:
-    ensure_writable_dir(out.parent, "output folder")
+    check_output_file(out, "--out")
     path = exported.write(out)
     console.print(f"exported {exported.policy.name} at budget {exported.budget.label} for {exported.model.id}: {path}")
     if kvpress:
@@ -78,44 +80,39 @@ def write_export(exported: ExportedPolicy, out: Path, kvpress: bool) -> Path:
 
 
 def export_search_winner(rundir: Path, out: Path, kvpress: bool) -> None:
-    """Export the run's best policy, then print where everything is and a three-line summary."""
-    search = read_search_run(rundir, top=1)
-    (winner, budget), entry = search.winners[0], search.top_entries[0]
-    traceset = TraceSet.open(search.traces)
-    validation = rundir / VALIDATION_FILE
-    live = read_validation(validation) if validation.is_file() else None
+    """Export the run's best policy, then print where everything is and a summary."""
+    search = SearchRun(rundir)
+    summary = search.summary()
+    (winner, budget), entry = search.winners(1)[0], summary["top"][0]
+    traceset = TraceSet.open(summary["traces"])
+    live = search.validation()
     metrics = {
-        "simulated": {"sim_score": entry["sim_score"], "kv_mib": entry.get("kv_mib")},
-        "validated": None if live is None else validated_metrics(live, validation, winner.name, budget),
+        "search": {"value": entry["search_value"], "tier": summary["tier"]},
+        "validation_samples": entry["validation"],
+        "validated": None if live is None else validated_metrics(live, search.validation_path, winner.name, budget),
     }
     provenance = {
-        "traceset": {"path": str(search.traces), "hash": traceset.content_hash},
-        "study": search.study,
+        "traceset": {"path": summary["traces"], "hash": traceset.content_hash},
+        "study": summary["study"],
         "trial": entry["provenance"]["trial"],
     }
     path = write_export(ExportedPolicy(winner, budget, exported_model(None, traceset), provenance, metrics), out, kvpress)
-    for line in run_summary(search, live, path):
+    for line in run_summary(search, winner.name, live, path):
         console.print(line, highlight=False)
 
 
-def run_summary(search, live: pl.DataFrame | None, export_path: Path) -> list[str]:
-    winner, budget = search.winners[0]
-    entry = search.top_entries[0]
-    lines = [f"winner: {winner.name} at budget {budget.label}, sim_score {entry['sim_score']['search']:.3f} on search samples"
-             + ("" if entry["sim_score"].get("held_out") is None else f", {entry['sim_score']['held_out']:.3f} held out")]
-    if live is not None:
-        means = summarize_validation(live)
-        row = means.filter(pl.col("policy") == winner.name).row(0, named=True)
-        presets = means.filter(~pl.col("policy").str.starts_with("top") & (pl.col("policy") != "full") & (pl.col("budget") == budget.label))
-        best = presets.sort("score", "top1", descending=True).row(0, named=True) if presets.height else None
-        versus = "" if best is None else f"; best preset {best['policy']} {best['score']:.2f} (top-1 {best['top1']:.2f})"
-        lines.append(
-            f"live on {row['samples']} held-out samples: task score {row['score']:.2f} (full cache {row['full_cache_score']:.2f}), "
-            f"top-1 {row['top1']:.2f}, KL {row['kl']:.3f}, KV held {human_bytes(row['kv_bytes'])}{versus}"
-        )
+def run_summary(search: SearchRun, winner: str, live: pl.DataFrame | None, export_path: Path) -> list[str]:
+    entry = search.summary()["top"][0]
+    validation = entry["validation"]
+    score = (f"answer log-likelihood {validation['answer_logprob']:.3f}, KL {validation['kl']:.3f}"
+             if "answer_logprob" in validation else f"sim_score {validation['sim_score']:.3f}")
+    lines = [f"winner: {winner} at budget {entry['budget']}: {score} on the validation samples, "
+             f"{human_bytes(validation['kv_mib'] * 2**20)} KV per sample"]
+    if live is None:
+        lines.append("not validated live: run `kvsim validate --run` for the comparison on the test samples")
     else:
-        lines.append("not validated live: run `kvsim validate --run` for live scores")
-    lines.append(f"exported {export_path}; report {search.rundir / 'report.html'}")
+        lines += [summary_line(c) for c in against_best_preset(compare_with_presets(live, winner)).values()]
+    lines.append(f"exported {export_path}; report {search.report_path}")
     return lines
 
 

@@ -13,7 +13,7 @@ from kvsim.errors import KvsimError
 from kvsim.policies import Budget
 from kvsim.search import BudgetRange, SearchSettings
 from kvsim.search import search as run_search
-from kvsim.search.objective import OBJECTIVES
+from kvsim.search.objective import DEFAULT_PROMOTE, OBJECTIVES, TIERS
 from kvsim.search.storage import DEFAULT_HEARTBEAT_S
 from kvsim.search.study import SAMPLERS
 
@@ -27,14 +27,19 @@ def search(
     out: Path = typer.Option(..., "--out", help="Run folder: the embedded study, trials.parquet, top/, report.html, search.json."),
     trials: int = typer.Option(100, help="Trials this run adds to the study (shared by its workers)."),
     study: str = typer.Option("kvsim", help="Study name; running again with the same name resumes it."),
-    objective: str = typer.Option("quality", help=f"{' or '.join(OBJECTIVES)}: best sim_score at the budget, or sim_score vs KV bytes."),
+    objective: str = typer.Option("quality", help=f"{' or '.join(OBJECTIVES)}: the best policy at the budget, or quality vs KV bytes."),
+    tier: str = typer.Option(
+        "exact", help=f"{' or '.join(TIERS)}: rank by the real model's answer log-likelihood (proxy prunes), or by the proxy alone."
+    ),
+    promote: float = typer.Option(DEFAULT_PROMOTE, help="Exact tier: proxy quantile a trial must reach to be scored by the model."),
     storage: str | None = typer.Option(
         None, help="postgresql://user:password@host:port/db to share the study between machines; default: embedded in --out."
     ),
     workers: int = typer.Option(1, help="Worker processes on this machine (more than 1: a journal file, or --storage)."),
     sampler: str = typer.Option("tpe", help=f"One of {', '.join(SAMPLERS)} (cmaes searches the per-layer budget vector)."),
-    mode: str = typer.Option("query-aware", help="Evaluation mode of the traces to search on."),
-    held_out: float = typer.Option(0.25, help="Share of each task's samples kept out of the search, to report on."),
+    mode: str | None = typer.Option(None, help="Evaluation mode to search on (default: the traces' only mode)."),
+    validation: float = typer.Option(0.25, help="Share of each task's samples that re-rank the best trials."),
+    test: float = typer.Option(0.25, help="Share of each task's samples kept for the live report only (`kvsim validate --run`)."),
     seed: int = typer.Option(0, help="Seed of the split and the samplers."),
     top: int = typer.Option(3, help="How many best policies to write to top/."),
     heartbeat: int = typer.Option(
@@ -47,8 +52,8 @@ def search(
     """
     settings = SearchSettings(
         traces=traces, budget=parse_budget(budget), rundir=out, study=study, trials=trials, objective=objective,
-        storage=storage, workers=workers, sampler=sampler, mode=mode, seed=seed, held_out=held_out, top=top,
-        heartbeat_s=heartbeat,
+        storage=storage, workers=workers, sampler=sampler, mode=mode, seed=seed, validation=validation, test=test, top=top,
+        tier=tier, promote=promote, heartbeat_s=heartbeat,
     )
     # The bar starts once the inputs are checked, so a bad input prints its error line alone.
     progress, bars = progress_bars(), []
@@ -60,12 +65,14 @@ def search(
         progress.advance(bars[0], done)
 
     try:
-        summary = run_search(settings, advance)
+        run = run_search(settings, advance)
     finally:
         if bars:
             progress.stop()
+    summary = run.summary()
     print_top(summary)
-    console.print(f"report: {out / summary['report']}\nstudy: {summary['storage']} (optuna-dashboard {summary['storage']})")
+    warn_without_signal(summary)
+    console.print(f"report: {run.report_path}\nstudy: {summary['storage']} (optuna-dashboard {summary['storage']})")
 
 
 def parse_budget(text: str) -> Budget | BudgetRange:
@@ -78,11 +85,25 @@ def parse_budget(text: str) -> Budget | BudgetRange:
 
 
 def print_top(summary: dict) -> None:
-    table = Table("rank", "trial", "budget", "sim_score search", "sim_score held-out", "KV MiB", "spec")
+    exact = summary["tier"] == "exact"
+    columns = ["answer log-lik.", "answer match", "KL"] if exact else ["sim_score"]
+    table = Table("rank", "policy", "trial", "budget", "search value", *[f"{c} (validation)" for c in columns], "KV MiB", "spec")
     for entry in summary["top"]:
-        held_out = entry["sim_score"]["held_out"]
+        validation = entry["validation"]
+        values = [validation[k] for k in (("answer_logprob", "answer_match", "kl") if exact else ("sim_score",))]
         table.add_row(
-            str(entry["rank"]), str(entry["provenance"]["trial"]), str(entry["budget"]), f"{entry['sim_score']['search']:.4f}",
-            "–" if held_out is None else f"{held_out:.4f}", f"{entry['kv_mib']:.2f}", entry["spec"],
+            str(entry["rank"]), entry["name"], str(entry["provenance"]["trial"]), str(entry["budget"]), f"{entry['search_value']:.4f}",
+            *[f"{v:.3f}" for v in values], f"{validation['kv_mib']:.2f}", entry["spec"],
         )
     console.print(table)
+
+
+def warn_without_signal(summary: dict) -> None:
+    """Say so when no preset keeps any answer at this budget: the search then ranks on noise."""
+    presets = [p for p in summary.get("presets", []) if p["name"] != "full" and "answer_match" in p["validation"]]
+    if presets and all(p["validation"]["answer_match"] == 0 for p in presets):
+        console.print(
+            f"[yellow]warning:[/] no preset keeps a single reference answer at budget {summary['budget']} on the validation "
+            "samples (teacher-forced answer match 0): the model has little signal here; search at a higher budget",
+            highlight=False,
+        )

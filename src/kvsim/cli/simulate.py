@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import polars as pl
@@ -9,11 +10,15 @@ import typer
 from rich.table import Table
 
 from kvsim.cli.common import console, progress_bars, reports_errors
-from kvsim.paths import ensure_writable_dir, write_atomically
-from kvsim.policies import PRESETS, Budget, Policy, resolve_policy
+from kvsim.errors import KvsimError
+from kvsim.paths import check_output_file, write_atomically
+from kvsim.policies import PRESETS, Budget, Policy, resolve_policies
 from kvsim.sim import simulate as run_simulation
 from kvsim.sim.report import leaderboard, write_report
 from kvsim.traces.store import MODES, TraceSet, check_mode
+
+
+PARQUET_MAGIC = b"PAR1"
 
 
 def split_values(values: list[str]) -> list[str]:
@@ -21,9 +26,24 @@ def split_values(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def policies_from_options(values: list[str]) -> list[Policy]:
-    """`--policy` values: preset names, spec files, and 'all' for every preset."""
-    return [resolve_policy(name) for item in split_values(values) for name in (PRESETS if item == "all" else [item])]
+def policies_from_options(values: list[str], statistics: Collection[str] | None = None) -> list[Policy]:
+    """`--policy` values: preset names, spec files, and 'all' for every preset (every one the traces
+    can run, when their `statistics` are given; a preset named explicitly is refused instead).
+    Names must tell the policies apart (`resolve_policies`)."""
+
+    def expand(item: str) -> list[str]:
+        if item != "all":
+            return [item]
+        return [name for name, preset in PRESETS.items() if statistics is None or preset.requirements() <= set(statistics)]
+
+    return resolve_policies([name for item in split_values(values) for name in expand(item)])
+
+
+def budgets_from_options(values: list[str]) -> list[Budget]:
+    budgets = [Budget.parse(value) for value in split_values(values)]
+    if not budgets:
+        raise KvsimError("--budget is empty: give fractions of the prompt (0.1) or token counts (256)")
+    return budgets
 
 
 @reports_errors
@@ -47,20 +67,24 @@ def simulate(
     if mode is not None:
         check_mode(mode)
     traceset = TraceSet.open(traces)
-    policies = policies_from_options(policy)
-    budgets = [Budget.parse(value) for value in split_values(budget)]
-    ensure_writable_dir(out.parent, "output folder")
+    policies = policies_from_options(policy, traceset.statistics)
+    if not policies:
+        raise KvsimError("--policy is empty: give preset names, spec .json files, or 'all'")
+    budgets = budgets_from_options(budget)
+    samples_path = out.with_name(out.stem + ".samples.parquet")
+    for path in (out, samples_path):
+        check_output_file(path, "--out", PARQUET_MAGIC)
+    if report is not None:
+        check_output_file(report, "--report")
     samples = traceset.manifest.height if mode is None else traceset.manifest.filter(pl.col("mode") == mode).height
     with progress_bars() as progress:
         bar = progress.add_task(f"simulating {len(policies)} policies × {len(budgets)} budgets", total=samples)
         result = run_simulation(traceset, policies, budgets, mode=mode, oracle=oracle, on_sample=lambda s: progress.advance(bar))
-    samples_path = out.with_name(out.stem + ".samples.parquet")
     write_atomically(out, result.layers.write_parquet)
     write_atomically(samples_path, result.samples.write_parquet)
     print_leaderboard(result.samples)
     console.print(f"per-layer table: {out}\nper-sample table: {samples_path}")
     if report is not None:
-        ensure_writable_dir(report.parent, "report folder")
         write_report(result, report, f"Simulation of {traces}")
         console.print(f"report: {report}")
 

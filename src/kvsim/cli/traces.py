@@ -8,7 +8,7 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from kvsim.cli.common import console, err_console, human_bytes, reports_errors
+from kvsim.cli.common import console, err_console, human_bytes, print_labelled, reports_errors
 from kvsim.traces.store import TraceSet
 
 app = typer.Typer(help="Inspect and check TraceSet folders.", no_args_is_help=True, rich_markup_mode="rich")
@@ -27,14 +27,17 @@ def info(traces: Path = typer.Argument(..., help="TraceSet folder.")) -> None:
 @app.command()
 @reports_errors
 def verify(traces: Path = typer.Argument(..., help="TraceSet folder.")) -> None:
-    """Check every sample file's checksum and tensor shapes; exit 1 naming each bad file.
+    """Check every sample file's checksum, tensor shapes and own sample id and mode; exit 1 naming
+    each bad file. Temporary files an interrupted capture left are listed (they do no harm).
 
     Example: [bold]kvsim traces verify traces/smol[/]
     """
     traceset = TraceSet.open(traces)
     problems = traceset.verify()
     for problem in problems:
-        err_console.print(f"[bold red]bad:[/] {traces / problem}", soft_wrap=True, highlight=False)
+        print_labelled(err_console, "bad:", str(traces / problem))
+    for leftover in traceset.leftover_temporary_files():
+        print_labelled(err_console, "note:", f"{leftover} is a temporary file left by an interrupted write: delete it")
     if problems:
         raise typer.Exit(1)
     console.print(f"ok: {len(traceset)} sample files verified in {traces}")
@@ -44,7 +47,7 @@ def print_summary(traceset: TraceSet) -> None:
     meta, manifest = traceset.meta, traceset.manifest
     model = meta["model"]
     console.print(
-        f"[bold]{traceset.root}[/]  model {model['id']} ({traceset.shape.model_type}, {traceset.shape.describe()})  "
+        f"{traceset.root}  model {model['id']} ({traceset.shape.model_type}, {traceset.shape.describe()})  "
         f"window {meta['window']}  "
         f"dtype {meta['storage_dtype']}  workload {meta['workload']['spec']} (seed {meta['workload']['seed']})"
     )

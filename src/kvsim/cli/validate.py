@@ -10,13 +10,13 @@ import typer
 from rich.table import Table
 
 from kvsim.cli.common import console, human_bytes, progress_bars, reports_errors
-from kvsim.cli.simulate import policies_from_options, split_values
+from kvsim.cli.simulate import budgets_from_options, policies_from_options, split_values
 from kvsim.errors import KvsimError
 from kvsim.live.fidelity import correlations, write_fidelity_report
-from kvsim.live.search_run import add_to_report, read_search_run, with_presets
 from kvsim.live.validate import select_samples, summarize_validation, validate
 from kvsim.paths import ensure_writable_dir, write_atomically
-from kvsim.policies import Budget
+from kvsim.search.report import write_report
+from kvsim.search.rundir import SearchRun
 from kvsim.traces.models import load_model
 from kvsim.traces.store import MODES, TraceSet, check_mode
 
@@ -28,8 +28,8 @@ def validate_command(
     traces: Path | None = typer.Option(None, "--traces", help="TraceSet folder written by `kvsim capture` (not with --run)."),
     policy: list[str] = typer.Option([], help="Preset name, a policy spec .json, or 'all'; repeat or comma-separate."),
     budget: list[str] = typer.Option(["0.1"], help="Fractions of the prompt (0.1) or token counts (256); repeat or comma-separate."),
-    out: Path | None = typer.Option(None, "--out", help=f"Output folder for {VALIDATION_FILE} (default with --run: RUNDIR)."),
-    run: Path | None = typer.Option(None, "--run", help="A `kvsim search` RUNDIR: validate its winners on its held-out samples."),
+    out: Path | None = typer.Option(None, "--out", help=f"Output folder for {VALIDATION_FILE} (not with --run: RUNDIR holds it)."),
+    run: Path | None = typer.Option(None, "--run", help="A `kvsim search` RUNDIR: validate its winners on its test samples."),
     top: int = typer.Option(3, min=1, help="With --run: how many winners."),
     model: str | None = typer.Option(None, help="Model to run (default: the one that captured the traces)."),
     samples: int | None = typer.Option(None, min=1, help="Validate only the first N samples of the mode."),
@@ -37,38 +37,42 @@ def validate_command(
 ) -> None:
     """Run each policy live on trace samples: task score, fidelity to the full cache (KL, top-1),
     KV bytes held and decode time, beside the simulator's prediction. With --run, the search's top
-    policies run beside the presets (--policy, default all) on its held-out samples, and the table
-    and a plot are added to RUNDIR/report.html.
+    policies run beside the presets (--policy, default all) on its test samples, and RUNDIR/report.html
+    is rendered again with the live comparison.
 
     Example: [bold]kvsim validate --traces runs/demo/traces --policy snapkv,h2o --budget 0.1 --samples 2 --out runs/val[/]
     Example: [bold]kvsim validate --run runs/search --top 3 --policy snapkv,adakv[/]
     """
-    policies = policies_from_options(policy or (["all"] if run else []))
-    if not policies and run is None:
+    if not split_values(policy) and run is None:
         raise KvsimError("say what to validate: --policy NAME|spec.json (or --run RUNDIR for a search's winners)")
     if run is not None:
-        if traces is not None:
-            raise KvsimError("--run reads the traces from the search run: drop --traces")
-        search = read_search_run(run, top)
-        traceset = TraceSet.open(search.traces)
-        pairs = with_presets(search, policies)
-        chosen = select_samples(traceset, search.mode, samples, search.held_out)
-        out = out or run
+        if traces is not None or out is not None:
+            raise KvsimError("--run reads the traces from the search run and writes into it: drop --traces and --out")
+        search = SearchRun(run)
+        summary = search.summary()
+        traceset = TraceSet.open(summary["traces"])
+        policies = policies_from_options(policy or ["all"], traceset.statistics)
+        winners = search.winners(top)
+        budgets = list(dict.fromkeys(budget for _, budget in winners))
+        pairs = winners + [(preset, budget) for budget in budgets for preset in policies]
+        chosen = select_samples(traceset, summary["mode"], samples, search.test_samples())
+        out = run
     else:
         if traces is None or out is None:
             raise KvsimError("give --traces and --out (or --run RUNDIR)")
         check_mode(mode)
         traceset = TraceSet.open(traces)
-        pairs = list(itertools.product(policies, [Budget.parse(value) for value in split_values(budget)]))
+        pairs = list(itertools.product(policies_from_options(policy, traceset.statistics), budgets_from_options(budget)))
         chosen = select_samples(traceset, mode, samples)
     ensure_writable_dir(out, "output folder")
     loaded = load_model(model or traceset.meta["model"]["id"])
-    path = out / VALIDATION_FILE
+    path = search.validation_path if run is not None else out / VALIDATION_FILE
     table = run_with_progress(loaded, traceset, pairs, chosen, path)
     print_validation(table)
     console.print(f"validation table: {path}")
     if run is not None:
-        console.print(f"report: {add_to_report(run, table)}")
+        write_report(search)
+        console.print(f"report: {search.report_path}")
 
 
 def run_with_progress(loaded, traceset, pairs, samples, partial: Path) -> pl.DataFrame:
@@ -83,12 +87,13 @@ def run_with_progress(loaded, traceset, pairs, samples, partial: Path) -> pl.Dat
 
 def print_validation(table: pl.DataFrame) -> None:
     summary = summarize_validation(table)
-    view = Table("mode", "budget", "policy", "n", "sim_score", "live score", "full score", "KL", "top-1", "KV held", "padding", "ms/token")
+    view = Table("mode", "budget", "policy", "n", "sim_score", "answer log-lik.", "live score", "full score", "KL", "top-1",
+                 "KV held", "ms/token")
     for row in summary.iter_rows(named=True):
         view.add_row(
-            row["mode"], row["budget"], row["policy"], str(row["samples"]), f"{row['sim_score']:.3f}", f"{row['score']:.2f}",
-            f"{row['full_cache_score']:.2f}", f"{row['kl']:.3f}", f"{row['top1']:.2f}", human_bytes(row["kv_bytes"]),
-            human_bytes(row["padding_bytes"]), f"{row['decode_ms_per_token']:.1f}",
+            row["mode"], row["budget"], row["policy"], str(row["samples"]), f"{row['sim_score']:.3f}", f"{row['answer_logprob']:.3f}",
+            f"{row['score']:.2f}", f"{row['full_cache_score']:.2f}", f"{row['kl']:.3f}", f"{row['top1']:.2f}",
+            human_bytes(row["kv_bytes"]), f"{row['decode_ms_per_token']:.1f}",
         )
     console.print(view)
 
@@ -109,8 +114,8 @@ def fidelity_command(
     """
     check_mode(mode)
     traceset = TraceSet.open(traces)
-    policies = policies_from_options(policy)
-    budgets = [Budget.parse(value) for value in split_values(budget)]
+    policies = policies_from_options(policy, traceset.statistics)
+    budgets = budgets_from_options(budget)
     if len(policies) * len(budgets) < 3:
         raise KvsimError("rank correlations need at least 3 (policy, budget) pairs: give more policies or budgets")
     chosen = select_samples(traceset, mode, samples)

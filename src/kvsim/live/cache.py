@@ -2,9 +2,12 @@
 
 The cache decides once, at the end of the first forward (the prefill: the whole prompt, or the
 context alone in query-agnostic evaluation), for every layer together, with the simulator's code
-(`kvsim.policies.compress`), then keeps each layer at its decision; every-step and lagged schedules
-re-select on their steps. Attention reads the cache through the registered attention function
-`kvsim_live` (see `kvsim.live.attention`), which knows the padded per-head layout.
+(`kvsim.policies.compress`), then hands each layer a `HeldLayer` (`kvsim.policies.held`), the
+decode engine the simulator runs too: it stores each head's tokens without padding and re-selects
+on the schedule's steps. Attention reads the cache through the registered attention function
+`kvsim_live` (see `kvsim.live.attention`), which asks the cache to decide after the last layer.
+Sliding-window layers (`kvsim.live.sliding`) keep their window by construction and take no part in
+the decision: the policy's layers are the model's full-attention layers (`ModelShape.policy_layers`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from kvsim.live.layer import PolicyLayer
 from kvsim.live.sliding import SlidingLayer
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
+from kvsim.policies.held import HeldLayer
 from kvsim.policies.policy import Policy
+from kvsim.policies.rope import Rotary
 from kvsim.shape import ModelShape
 
 
@@ -44,23 +49,25 @@ class PolicyCache(Cache):
         *,
         window: int | None = None,
         row_splits: Sequence[int] = (),
+        rope: Rotary | None = None,
     ) -> None:
         if policy is not None:
             policy.check_model(len(shape.policy_layers))
-        # Sliding layers keep their window by construction; the policy decides on the others.
-        super().__init__(layers=[
-            PolicyLayer(index, self) if size is None else SlidingLayer(index, size, row_splits)
-            for index, size in enumerate(shape.windows)
-        ])
-        self.shape = shape
-        self.policy = policy
-        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
-        self.row_splits = tuple(row_splits)
         # One query is kept even when the policy reads none, so stepwise rescoring views have a position.
         self.window = window or max(policy.observation_window if policy else 0, 1)
+        self.row_splits = tuple(row_splits)
+        self.rope = rope  # the model's RoPE, for scorers that rotate queries
+        self.shape = shape
+        super().__init__(layers=[
+            PolicyLayer(index, shape.n_layers, self.window, self.row_splits, rope) if size is None
+            else SlidingLayer(index, size, self.row_splits)
+            for index, size in enumerate(shape.windows)
+        ])
+        self.policy = policy
+        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
         self.decided = False
-        self.budgets: torch.Tensor | None = None  # [n_layers, kv_heads] tokens per head, once compressed
-        self.scaling = 1.0
+        self.budgets: torch.Tensor | None = None  # [policy layers, kv_heads] tokens per head, once compressed
+        self.peak_prefill_bytes = 0
 
     @classmethod
     def recording(cls, model: PreTrainedModel, window: int, row_splits: Sequence[int] = ()) -> PolicyCache:
@@ -72,44 +79,72 @@ class PolicyCache(Cache):
         """A cache for `model`, whose attention is switched to `kvsim_live` (plain SDPA without a policy cache)."""
         if model.config._attn_implementation != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
-        return cls(policy, budget, ModelShape.from_config(model.config), **kwargs)
+        return cls(policy, budget, ModelShape.from_config(model.config), rope=Rotary.from_model(model), **kwargs)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # transformers 5.2 passes cache_kwargs, 5.3+ keyword `kwargs`: both go on to the layer, which ignores them.
-        activate(self)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        activate(self, layer_idx, keys)
+        return keys, values
+
+    def set_reconstruction(self, scores: Sequence[torch.Tensor]) -> None:
+        """KVzip's per-layer [heads, prefix] scores (`kvsim.traces.kvzip`), given before the prefill
+        when a policy reads them; each layer puts its own into its prefill view."""
+        for layer, layer_scores in zip(self.layers, scores):
+            layer.reconstruction = layer_scores
+
+    def after_attention(self, layer_idx: int) -> None:
+        """Called by the attention function after each layer: the last layer's prefill triggers the decision."""
+        last = self._last_policy_layer()
+        if not self.decided and last is not None and layer_idx == last.index and last.prefill_view is not None:
+            self.peak_prefill_bytes = sum(layer.prefill_bytes() for layer in self.layers)
+            self.decide()
 
     def with_policy(self, policy: Policy, budget: Budget | float | int) -> PolicyCache:
         """A new cache deciding with `policy` on this recording cache's prefill, without running it again."""
-        if self.policy is not None or self.layers[0].get_seq_length() == 0:
+        last = self._last_policy_layer()
+        if self.policy is not None or self.layers[0].get_seq_length() == 0 or (last is not None and last.prefill_view is None):
             raise KvsimError("with_policy needs a recording cache (PolicyCache.recording) that has run a prefill")
         if policy.observation_window > self.window:
             raise KvsimError(f"policy {policy.name!r} reads {policy.observation_window} queries but {self.window} were recorded")
-        cache = PolicyCache(policy, budget, self.shape, window=max(policy.observation_window, 1), row_splits=self.row_splits)
+        cache = PolicyCache(
+            policy, budget, self.shape, window=max(policy.observation_window, 1), row_splits=self.row_splits, rope=self.rope
+        )
         for layer, recorded in zip(cache.layers, self.layers):
             layer.adopt_prefill(recorded)
         cache.decide()
         return cache
 
     def decide(self) -> None:
-        """Compress every layer at the end of the prefill (called by the last layer's attention)."""
+        """Compress every layer at the end of the prefill; a recording cache (no policy) keeps its views."""
         if self.policy is None or not self.shape.policy_layers:
             self.decided = self.policy is not None
             return
         layers = [self.layers[index] for index in self.shape.policy_layers]
         views = [layer.prefill_view for layer in layers]
         prompt = views[0].length
-        self.scaling = views[0].scaling
         self.decided = True
-        if not self._compressible(prompt):
-            for layer in layers:
-                layer.prefill_view = None
-            return
-        keeps, budgets = compress_prefill(self.policy, views, self.budget, prompt)
-        self.budgets = budgets.new_zeros(len(self.layers), budgets.shape[1])  # sliding layers' rows stay 0
-        self.budgets[list(self.shape.policy_layers)] = budgets
-        for layer, view, keep in zip(layers, views, keeps):
-            layer.shrink(view, keep, ~keep)
+        if self._compressible(prompt):
+            keeps, self.budgets = compress_prefill(self.policy, views, self.budget, prompt)
+        else:
+            keeps = [torch.ones(view.kv_heads, view.length, dtype=torch.bool) for view in views]
+        budgets = self.budgets if self.budgets is not None else [None] * len(views)
+        for layer, view, keep, layer_budgets in zip(layers, views, keeps, budgets):
+            layer.hold(HeldLayer.after_prefill(self.policy, view, keep, layer_budgets, self.window, layer.dtype))
+
+    def tokens_until_eviction(self) -> int | None:
+        """How many tokens can be fed before the next decode-time eviction (every layer keeps the
+        same count), or None when the cache never evicts while decoding."""
+        last = self._last_policy_layer()
+        held = None if last is None else last.held
+        if held is None or not held.stepwise:
+            return None
+        interval = self.policy.schedule.interval
+        return interval - held.rows_since_decision % interval
+
+    def _last_policy_layer(self) -> PolicyLayer | None:
+        """The last full-attention layer: its prefill completes what the decision needs (None if every layer slides)."""
+        return self.layers[self.shape.policy_layers[-1]] if self.shape.policy_layers else None
 
     @property
     def compressed(self) -> bool:
@@ -125,10 +160,8 @@ class PolicyCache(Cache):
     # --- what is held ---------------------------------------------------------------------------
 
     def held_bytes(self) -> int:
-        return sum(layer.held_bytes()[0] for layer in self.layers)
-
-    def padding_bytes(self) -> int:
-        return sum(layer.held_bytes()[1] for layer in self.layers)
+        """Bytes of keys and values held, at the serving dtype (`kvsim.policies.held.kv_bytes`)."""
+        return sum(layer.held_bytes() for layer in self.layers)
 
     def held_tokens(self) -> tuple[int, int]:
         """(full-precision, low-precision) tokens over all layers and KV heads."""
@@ -137,5 +170,4 @@ class PolicyCache(Cache):
 
     def kept_positions(self, layer: int) -> list[torch.Tensor]:
         """Per KV head, the sorted positions held at full precision in `layer`."""
-        positions = self.layers[layer].positions
-        return [row[row >= 0].sort().values for row in positions]
+        return self.layers[layer].kept_positions()

@@ -10,6 +10,10 @@ The mapping follows kvpress 0.5 (whose pin requires transformers < 5.3, as kvsim
   pools with an average; a kvsim policy pooling with max maps approximately (noted in the script);
 - key_norm → KnormPress; last_query → TOVAPress; random → RandomPress; accumulated_attention →
   ObservedAttentionPress (needs eager attention); recency with sinks → StreamingLLMPress(n_sink);
+- key_diff → KeyDiffPress; lag_kv → LagKVPress(n_sink, lag_size, cross_scoring);
+  expected_attention → ExpectedAttentionPress(n_future_positions, n_sink, use_covariance, use_vnorm,
+  epsilon) (kvpress reads every prompt query, kvsim its window); kvzip with global_top → KVzipPress
+  (layerwise=False); pool "chunk" → ChunkKVPress(press, chunk_length) around the scorer's press;
 - allocators: uniform → the press itself; pyramid → PyramidKVPress(beta) (window scorers only);
   head_adaptive → AdaKVPress(press, alpha_safeguard); free_vector → PerLayerCompressionPress with
   each layer's ratio from its share of the budget.
@@ -56,6 +60,10 @@ def press_for(policy: Policy, budget: Budget) -> Press:
         raise KvsimError("kvpress presses take a compression ratio: export a fractional budget such as 0.1")
     ratio = round(1.0 - budget.value, 6)
     allocator = policy.allocator
+    if policy.scorer.name == "kvzip":
+        if allocator.name != "global_top":
+            raise KvsimError("kvpress's KVzipPress competes for budget across all layers and heads: pair kvzip with the global_top allocator")
+        return Press("KVzipPress", {"compression_ratio": ratio, "n_sink": policy.scorer.sinks, "layerwise": False})
     if allocator.name == "pyramid":
         scorer = _scorer_press(policy, ratio)
         if scorer.name != "SnapKVPress":
@@ -75,12 +83,29 @@ def press_for(policy: Policy, budget: Budget) -> Press:
 
 
 def _scorer_press(policy: Policy, ratio: float) -> Press:
+    press = _token_press(policy, ratio)
+    if getattr(policy.scorer, "pool", None) == "chunk":
+        return Press("ChunkKVPress", {"press": press, "chunk_length": policy.scorer.kernel})
+    return press
+
+
+def _token_press(policy: Policy, ratio: float) -> Press:
     scorer = policy.scorer
     if scorer.name == "window_attention":
         notes = [] if scorer.pool == "avg" else [f"kvsim pools scores with {scorer.pool}; kvpress's SnapKV averages"]
         return Press("SnapKVPress", {"compression_ratio": ratio, "window_size": scorer.window, "kernel_size": scorer.kernel}, notes)
     if scorer.name == "key_norm":
         return Press("KnormPress", {"compression_ratio": ratio})
+    if scorer.name == "key_diff":
+        return Press("KeyDiffPress", {"compression_ratio": ratio})
+    if scorer.name == "lag_kv":
+        arguments = {"n_sink": scorer.sinks, "lag_size": scorer.lag, "cross_scoring": scorer.cross_scoring}
+        return Press("LagKVPress", {"compression_ratio": ratio, **arguments})
+    if scorer.name == "expected_attention":
+        arguments = {"n_future_positions": scorer.future, "n_sink": scorer.sinks, "use_covariance": scorer.covariance,
+                     "use_vnorm": scorer.value_norm, "epsilon": scorer.epsilon}
+        note = f"kvpress takes query statistics from every prompt query; kvsim from the last {scorer.window}"
+        return Press("ExpectedAttentionPress", {"compression_ratio": ratio, **arguments}, [note])
     if scorer.name == "last_query":
         return Press("TOVAPress", {"compression_ratio": ratio})
     if scorer.name == "random":
@@ -89,7 +114,10 @@ def _scorer_press(policy: Policy, ratio: float) -> Press:
         return Press("ObservedAttentionPress", {"compression_ratio": ratio}, ["ObservedAttentionPress needs attn_implementation='eager'"])
     if scorer.name == "recency":
         return Press("StreamingLLMPress", {"compression_ratio": ratio, "n_sink": policy.schedule.sinks})
-    raise KvsimError(f"scorer {scorer.name!r} has no kvpress counterpart: use window_attention, key_norm, last_query, random, accumulated_attention or recency")
+    raise KvsimError(
+        f"scorer {scorer.name!r} has no kvpress counterpart: use window_attention, key_norm, key_diff, lag_kv, "
+        "expected_attention, kvzip, last_query, random, accumulated_attention or recency"
+    )
 
 
 def build_press(policy: Policy, budget: Budget):

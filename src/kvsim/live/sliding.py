@@ -18,6 +18,7 @@ import torch
 from kvsim.errors import KvsimError
 from kvsim.kernels import causal_attention_column_stats
 from kvsim.live.layer_base import SeenTokensLayer
+from kvsim.policies.held import KV_ELEMENT_BYTES
 from kvsim.traces.recorder import causal_sdpa, decode_attention
 
 
@@ -74,15 +75,19 @@ class SlidingLayer(SeenTokensLayer):
 
     # --- accounting, as `PolicyLayer` reports it -------------------------------------------------
 
-    @property
-    def positions(self) -> torch.Tensor:
-        """[kv_heads, n] the absolute positions held (the same for every head)."""
+    def kept_positions(self) -> list[torch.Tensor]:
+        """Per KV head, the positions held (the same for every head)."""
         held = self.keys.shape[2]
-        return torch.arange(self.seen - held, self.seen, device=self.device).expand(self.keys.shape[1], held)
+        return [torch.arange(self.seen - held, self.seen, device=self.device)] * self.keys.shape[1]
 
-    def held_bytes(self) -> tuple[int, int]:
-        """(bytes of keys and values held, of which padding: none)."""
-        return self.keys.numel() * self.keys.element_size() * 2, 0
+    def held_bytes(self) -> int:
+        """Bytes of keys and values held at the serving dtype (see `kvsim.policies.held`)."""
+        return (self.keys.numel() + self.values.numel()) * KV_ELEMENT_BYTES
 
     def held_tokens(self) -> tuple[int, int]:
+        """(full-precision tokens, low-precision tokens) held over all KV heads."""
         return self.keys.shape[1] * self.keys.shape[2], 0
+
+    def prefill_bytes(self) -> int:
+        """Real bytes held once the prefill's attention is done: the window, at the model's dtype."""
+        return (self.keys.numel() + self.values.numel()) * self.keys.element_size()

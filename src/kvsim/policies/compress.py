@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvsim.policies.allocators.base import Protected
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
 from kvsim.policies.selection import keep_mask, protected_priority
@@ -14,9 +15,11 @@ from kvsim.policies.view import CacheView
 
 
 def allocate(policy: Policy, views: Sequence[CacheView], budget: Budget, prompt_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(scores per layer [kv_heads, n], budgets [n_layers, kv_heads]) at the end of prefill."""
+    """(scores per layer [kv_heads, n], budgets [n_layers, kv_heads]) at the end of prefill. The
+    allocator reads the tokens it must leave to the schedule's protection from the schedule."""
     scores = [policy.scorer.score(view) for view in views]
-    budgets = policy.allocator.allocate(views, scores, budget.per_head(prompt_len))
+    protected = Protected(policy.schedule.sinks, policy.schedule.recent)
+    budgets = policy.allocator.allocate(views, scores, budget.per_head(prompt_len), protected)
     return scores, budgets
 
 
@@ -35,6 +38,7 @@ def select(policy: Policy, view: CacheView, scores: torch.Tensor, budgets: torch
 
 
 def compress_prefill(policy: Policy, views: Sequence[CacheView], budget: Budget, prompt_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(kept mask per layer [kv_heads, n], budgets [n_layers, kv_heads])."""
+    """(full-precision kept mask per layer [kv_heads, n], budgets [n_layers, kv_heads]). A retention
+    that spends part of the budget on low precision keeps fewer at full precision (`full_budgets`)."""
     scores, budgets = allocate(policy, views, budget, prompt_len)
-    return [select(policy, view, s, b) for view, s, b in zip(views, scores, budgets)], budgets
+    return [select(policy, view, s, policy.retention.full_budgets(b)) for view, s, b in zip(views, scores, budgets)], budgets

@@ -4,7 +4,9 @@ A policy is four parts: scorer, allocator, schedule, retention. Each part is a f
 registered under its kind and a name; its fields are its parameters, `validate` checks their
 ranges, and `suggest` declares its Optuna search space beside them. A part's spec is
 `{"name": ..., <field>: <value>, ...}`; loading one checks the name, the field names and the types,
-so a typo is a clear error rather than a silently ignored setting.
+so a typo is a clear error rather than a silently ignored setting. A field may hold other parts
+(a tuple of scorers, in `mixture`): they are written as their own specs, nested. A parameter a
+part no longer has (`retired`) is refused with where it went.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ REGISTRY: dict[str, dict[str, type[Part]]] = {kind: {} for kind in KINDS}
 class Part:
     kind: ClassVar[str]
     name: ClassVar[str]
+    # Parameters this part used to have -> where they went; a spec still naming one is refused with it.
+    retired: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,12 +57,14 @@ def part_from_spec(kind: str, spec: Any) -> Part:
         raise KvsimError(f"{kind} spec {spec!r} needs a 'name': one of {', '.join(REGISTRY[kind])}")
     params = dict(spec)
     name = params.pop("name")
-    cls = REGISTRY[kind].get(name)
+    cls = REGISTRY[kind].get(name) if isinstance(name, str) else None
     if cls is None:
         raise KvsimError(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(REGISTRY[kind]))}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in params.items():
+        if key in cls.retired:
+            raise KvsimError(f"{kind} {name!r} no longer has parameter {key!r}: {cls.retired[key]}")
         if key not in fields:
             raise KvsimError(f"{kind} {name!r} has no parameter {key!r}: its parameters are {', '.join(sorted(fields)) or 'none'}")
         params[key] = _coerce(value, hints[key], f"{kind} {name!r} parameter {key!r}")
@@ -72,9 +78,12 @@ def part_from_spec(kind: str, spec: Any) -> Part:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is tuple:
+        item = typing.get_args(hint)[0]
         if not isinstance(value, list | tuple):
-            raise KvsimError(f"{where} must be a list of numbers, got {value!r}")
-        return tuple(_coerce(item, float, where) for item in value)
+            raise KvsimError(f"{where} must be a list of {'specs' if _is_part(item) else 'numbers'}, got {value!r}")
+        return tuple(_coerce(element, item, where) for element in value)
+    if _is_part(hint):
+        return part_from_spec(hint.kind, value)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
@@ -83,8 +92,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise KvsimError(f"{where} must be {expected}, got {value!r}")
 
 
+def _is_part(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, Part)
+
+
 def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, Part):
+        return value.to_spec()
+    return [_jsonable(item) for item in value] if isinstance(value, tuple) else value
 
 
 def check(condition: bool, part: Part, message: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from kvsim.errors import KvsimError
 from kvsim.policies.allocators.all_tokens import AllTokens
 from kvsim.policies.allocators.cake_preference import CakePreference
+from kvsim.policies.allocators.global_top import GlobalTop
 from kvsim.policies.allocators.head_adaptive import HeadAdaptive
 from kvsim.policies.allocators.prefix_mass import PrefixMass
 from kvsim.policies.allocators.pyramid import Pyramid
@@ -22,8 +23,12 @@ from kvsim.policies.retention import Merge, Quantize
 from kvsim.policies.schedules import EveryStep, Lagged, PrefillOnce
 from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
 from kvsim.policies.scorers.cake_indicator import CakeIndicator
+from kvsim.policies.scorers.expected_attention import ExpectedAttention
 from kvsim.policies.scorers.global_local import GlobalLocal
+from kvsim.policies.scorers.key_diff import KeyDiff
 from kvsim.policies.scorers.key_norm import KeyNorm
+from kvsim.policies.scorers.kvzip import KVzip
+from kvsim.policies.scorers.lag_kv import LagKV
 from kvsim.policies.scorers.last_query import LastQuery
 from kvsim.policies.scorers.random_scores import RandomScores
 from kvsim.policies.scorers.recency import Recency
@@ -32,6 +37,8 @@ from kvsim.policies.scorers.window_attention import WindowAttention
 
 # The observation / recent window of the SnapKV family's reference LongBench configs (§1-3, §8).
 WINDOW = 32
+# The label of the simulator's hindsight-optimal selection in results; no policy may take it.
+ORACLE = "oracle"
 
 PRESETS: dict[str, Policy] = {
     policy.name: policy
@@ -56,7 +63,7 @@ PRESETS: dict[str, Policy] = {
         Policy(
             "pyramidkv",
             WindowAttention(window=WINDOW, pool="max", kernel=7),
-            Pyramid(beta=20, recent=WINDOW),
+            Pyramid(beta=20),
             PrefillOnce(recent=WINDOW),
         ),
         # Ada-KV (§8): window mean, GQA mean, max pooling 7, head-adaptive budgets with floor_alpha
@@ -65,13 +72,23 @@ PRESETS: dict[str, Policy] = {
         Policy(
             "adakv",
             WindowAttention(window=WINDOW, pool="max", kernel=7, gqa="mean"),
-            HeadAdaptive(alpha=0.2, recent=WINDOW),
+            HeadAdaptive(alpha=0.2),
             PrefillOnce(recent=WINDOW),
         ),
         # CAKE (§1): mean + 200·var indicator with avg pooling 5, layer preference with tau 1.0 (the
-        # reference's fallback when no per-model value is tuned), window 32 kept; non-cascading.
+        # reference's fallback when no per-model value is tuned), window 32 kept; non-cascading. As
+        # published it keeps evicting while decoding: every step, each layer drops one token by the
+        # newest query's pooled attention, holding its budget plus the window.
         Policy(
             "cake",
+            CakeIndicator(window=WINDOW, gamma=200.0, kernel=5),
+            CakePreference(window=WINDOW, tau1=1.0, tau2=1.0),
+            EveryStep(recent=WINDOW),
+        ),
+        # CAKE's prefill decision alone: the cache then grows as in SnapKV (kvsim's `cake` before it
+        # evicted while decoding; kept under its own name for comparison).
+        Policy(
+            "cake_prefill",
             CakeIndicator(window=WINDOW, gamma=200.0, kernel=5),
             CakePreference(window=WINDOW, tau1=1.0, tau2=1.0),
             PrefillOnce(recent=WINDOW),
@@ -92,17 +109,18 @@ PRESETS: dict[str, Policy] = {
         Policy(
             "ems",
             GlobalLocal(local_weight=0.5, window=WINDOW),
-            HeadAdaptive(alpha=0.2, recent=WINDOW),
+            HeadAdaptive(alpha=0.2),
             PrefillOnce(recent=WINDOW),
             Merge(threshold=0.5),
         ),
         # RazorAttention (§12), adapted: 15 % retrieval heads (14 % induction + 1 % echo) keep all;
-        # the others keep 4 sinks + the most recent tokens (the recency score), no compensation token.
+        # the others keep 4 sinks + the most recent tokens (the recency score, and a protected local
+        # window of 32 that also marks what counts as far for the retrieval ranking), no compensation token.
         Policy(
             "razor",
             Recency(),
-            RetrievalHeads(retrieval_ratio=0.15, sinks=4, local=WINDOW, window=WINDOW),
-            PrefillOnce(sinks=4),
+            RetrievalHeads(retrieval_ratio=0.15, window=WINDOW),
+            PrefillOnce(sinks=4, recent=WINDOW),
         ),
         # LazyEviction (§13, unverified): peak recent attention, evicted every 16 steps with the last
         # 32 tokens kept (the paper's W = 175 was fitted to long MATH500 reasoning traces).
@@ -111,6 +129,24 @@ PRESETS: dict[str, Policy] = {
         Policy("mikv", AccumulatedAttention(gqa="mean"), Uniform(), PrefillOnce(recent=WINDOW), Quantize(nbits=2)),
         # Knorm (kvpress KnormPress): keep the lowest-norm keys, nothing protected.
         Policy("knorm", KeyNorm(), Uniform()),
+        # The query-agnostic methods leading kvpress's leaderboard, with kvpress 0.5's defaults; their
+        # sink tokens are protected inside the scores, as kvpress does, so allocators count them alike.
+        # KVzip: attention received while the model repeats the prefix (capture --kvzip), 4 sinks,
+        # budgets competed for across all layers and heads (kvpress's layerwise=False).
+        Policy("kvzip", KVzip(sinks=4), GlobalTop()),
+        # Expected Attention: expected attention of the next 512 queries from the statistics of the
+        # last 32 (kvpress uses all prompt queries after the sinks), 4 sinks, value-norm rescaled.
+        Policy("expected_attention", ExpectedAttention(window=WINDOW, future=512, sinks=4), Uniform()),
+        # kvpress's AdaKVPress(ExpectedAttentionPress()): the same scores, head-adaptive budgets,
+        # alpha_safeguard 0.2 (Ada-KV's budget rule, see head_adaptive; kvpress's differs slightly).
+        Policy("adakv_expected_attention", ExpectedAttention(window=WINDOW, future=512, sinks=4), HeadAdaptive(alpha=0.2)),
+        # KeyDiff: keys least similar to the mean key, nothing protected (kvpress KeyDiffPress).
+        Policy("keydiff", KeyDiff(), Uniform()),
+        # LagKV: each 128-token partition scored against the next one's range, 4 sinks, the last
+        # partition kept (kvpress LagKVPress defaults).
+        Policy("lagkv", LagKV(sinks=4, lag=128), Uniform()),
+        # ChunkKV over SnapKV's scores: whole 10-token chunks (the paper's chunk size), window kept.
+        Policy("chunkkv", WindowAttention(window=WINDOW, pool="chunk", kernel=10), Uniform(), PrefillOnce(recent=WINDOW)),
     ]
 }
 
@@ -122,3 +158,26 @@ def resolve_policy(name_or_path: str) -> Policy:
     if name_or_path.endswith(".json"):
         return load_policy_spec(name_or_path)
     raise KvsimError(f"unknown policy {name_or_path!r}: choose a preset ({', '.join(PRESETS)}) or a .json spec")
+
+
+def resolve_policies(names: list[str]) -> list[Policy]:
+    """Resolve several `--policy` items, whose names must tell them apart in every result table.
+
+    A name that two different policies claim (a spec named like a preset, like `oracle`, or like
+    another spec of the call) is refused rather than merged: results are grouped by name, so either
+    one would silently report the other's numbers. The same policy asked for twice is kept once.
+    """
+    chosen: dict[str, tuple[Policy, str]] = {}
+    for item in names:
+        policy = resolve_policy(item)
+        if policy.name == ORACLE:
+            raise KvsimError(f"{item} is named {ORACLE!r}, the label of the simulator's hindsight bound: rename the policy")
+        preset = f"the preset {policy.name}"
+        claimed = chosen.get(policy.name) or ((PRESETS[policy.name], preset) if policy.name in PRESETS else None)
+        if claimed is not None and claimed[0] != policy:
+            raise KvsimError(
+                f"{item} is named {policy.name!r} like {claimed[1]} but is a different policy: "
+                "give it its own \"name\" so results tell them apart"
+            )
+        chosen[policy.name] = (policy, preset if item in PRESETS else item)
+    return [policy for policy, _ in chosen.values()]

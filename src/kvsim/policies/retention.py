@@ -4,6 +4,11 @@ Every retention gets the same inputs (the cache's keys and values, the tokens ke
 evicted now) and returns the same thing: keys and values at full length, some rewritten, and which
 evicted tokens stay readable in low precision. So the simulator and the live cache measure and
 store any of them the same way.
+
+Most retentions act on top of the budget (every evicted token is dropped, merged or quantized).
+`mixed_precision` instead spends the budget's bytes: `full_budgets` says how many tokens of each
+head's budget stay at full precision and `low_budgets` how many low-precision ones the rest of the
+bytes buy; `kvsim.policies.held.handed_to_retention` picks which.
 """
 
 from __future__ import annotations
@@ -32,6 +37,17 @@ class Retention(Part):
 
     def bits(self) -> int | None:
         """Bits per element of low-precision tokens; None when there are none."""
+        return None
+
+    def full_budgets(self, budgets: torch.Tensor) -> torch.Tensor:
+        """Tokens of each head's budget held at full precision: all of them, unless the retention
+        spends part of the budget's bytes on low precision."""
+        return budgets
+
+    def low_budgets(self, budgets: torch.Tensor, full: torch.Tensor, full_bytes: int, low_bytes: int) -> torch.Tensor | None:
+        """Low-precision tokens per head that the bytes of `budgets` left after `full` full-precision
+        tokens buy (a token costs `full_bytes` at full precision, `low_bytes` at low); None when the
+        retention takes every evicted token, on top of the budget."""
         return None
 
     @property
@@ -143,3 +159,37 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize along the last dimension to `bits` bits and back."""
     return dequantize(*quantize(x, bits))
+
+
+@register
+@dataclass(frozen=True)
+class MixedPrecision(Quantize):
+    """Quantize inside the budget: the budget's bytes buy full- and low-precision tokens (MiKV's
+    mixed precision, Yang et al., 2024, arXiv 2402.18096, measured at the memory dropping holds).
+
+    A head's budget B (tokens at full precision) is B full-precision tokens' bytes. The top-ranked
+    F = round(full_share · B) tokens stay at full precision (the selection rule: sinks, recent
+    window, scores), the next-best are kept at `nbits` bits, as many as the remaining (B − F) full
+    tokens' bytes buy at `kvsim.policies.held.token_bytes` (codes plus a scale and zero point per
+    token), and the rest are dropped. So the layer holds at most what dropping at B holds. The low
+    set is chosen once, at the prompt's decision; tokens evicted while decoding are dropped.
+
+    Parameters: nbits (2), full_share (0.5, in [0, 1]; 1 is dropping, 0 all low precision).
+    """
+
+    name = "mixed_precision"
+    full_share: float = 0.5
+
+    def validate(self) -> None:
+        super().validate()
+        check(0.0 <= self.full_share <= 1.0, self, f"full_share must be in [0, 1], got {self.full_share}")
+
+    @classmethod
+    def suggest(cls, trial, prefix: str) -> MixedPrecision:
+        return cls(nbits=trial.suggest_int(f"{prefix}nbits", 2, 4), full_share=trial.suggest_float(f"{prefix}full_share", 0.1, 0.9))
+
+    def full_budgets(self, budgets: torch.Tensor) -> torch.Tensor:
+        return (budgets.double() * self.full_share).round().to(budgets.dtype)
+
+    def low_budgets(self, budgets: torch.Tensor, full: torch.Tensor, full_bytes: int, low_bytes: int) -> torch.Tensor | None:
+        return (budgets - full).clamp(min=0) * full_bytes // low_bytes

@@ -9,13 +9,16 @@ from functools import cached_property
 import torch
 
 from kvsim.errors import KvsimError
+from kvsim.policies.rope import Rotary
 
 
 @dataclass
 class CacheView:
     """One layer's cache at a decision point.
 
-    keys, values: [kv_heads, n, head_dim] float32, post-RoPE, the tokens currently cached.
+    keys, values: [kv_heads, n, head_dim] post-RoPE, the tokens currently cached, at the cache's
+        storage dtype (float32 in the simulator): parts compute in float32 (`.float()`), so the live
+        cache needs no float32 copy of every layer while it waits for the last one to decide.
     positions: [n] int64 absolute positions of those tokens (increasing).
     queries: [heads, w, head_dim] float32, the observation window: the most recent w queries.
     query_positions: [w] absolute positions of those queries.
@@ -24,6 +27,11 @@ class CacheView:
     present: [kv_heads, n] bool, or None when every head holds every token. Heads evict
         independently, so after per-head eviction a view spans the union of what the heads hold
         and `present` says which head holds what; scorers' results are ignored where it is False.
+    rope: the model's rotary embedding, for scorers that move queries to other positions; None
+        when unknown.
+    reconstruction: [heads, n] float32, KVzip's scores (the most attention each token received
+        while the model repeated the compressed prefix, `kvsim.traces.kvzip`), or None when not
+        recorded (capture --kvzip).
     """
 
     layer: int
@@ -38,6 +46,12 @@ class CacheView:
     colsq: torch.Tensor | None = None
     present: torch.Tensor | None = None
     window_logits: torch.Tensor | None = None  # [heads, w, n] scaled q·k, when already computed
+    decoding: bool = False  # a decode-time rescoring (the engine's `HeldLayer.view`), not the prompt's decision
+    # Keep each window's attention once computed: the simulator reuses one view for many policies;
+    # the live cache, which holds every layer's view until the last layer decides, does not.
+    cache_windows: bool = True
+    rope: Rotary | None = None
+    reconstruction: torch.Tensor | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -64,9 +78,12 @@ class CacheView:
                 f"a policy reads a {size}-query window but only {self.queries.shape[1]} queries were observed: "
                 f"capture with --window {size} or more"
             )
-        if size not in self._windows:
-            self._windows[size] = self._attention_of_last(size)
-        return self._windows[size]
+        if size in self._windows:
+            return self._windows[size]
+        attention = self._attention_of_last(size)
+        if self.cache_windows:
+            self._windows[size] = attention
+        return attention
 
     @cached_property
     def _windows(self) -> dict[int, torch.Tensor]:
@@ -79,7 +96,7 @@ class CacheView:
         else:
             # One matmul per KV head over its whole group (broadcasting the keys would copy them).
             q = self.queries[:, -size:].reshape(self.kv_heads, -1, self.queries.shape[-1])
-            scores = (torch.matmul(q, self.keys.transpose(-1, -2)) * self.scaling).reshape(self.kv_heads, group, size, self.length)
+            scores = (torch.matmul(q.float(), self.keys.float().transpose(-1, -2)) * self.scaling).reshape(self.kv_heads, group, size, self.length)
         hidden = self.positions[None, :] > self.query_positions[-size:, None]  # [size, n] causal
         if self.present is not None:
             hidden = hidden | ~self.present[:, None, None, :]  # [kv, 1, size, n]

@@ -1,46 +1,55 @@
-"""What a trial measures: a policy's sim_score (and KV bytes) on the search samples.
+"""What a trial measures: multi-fidelity, the proxy screening and the exact tier ranking.
 
-`Evaluator` prepares each sample's policy-independent work (prefill views, full-cache attention)
-once per process, on first use, and keeps it for the whole study: a trial then pays only for its
-own replay. It also remembers every (policy, budget, sample) result, so a preset or a composition
-the sampler draws again costs nothing.
+`Evaluator` (the proxy tier) prepares each sample's policy-independent work (prefill views,
+full-cache attention) once per process, on first use, and keeps it for the whole study: a trial
+then pays only for its own replay. It remembers every (policy, budget, sample) result, so a preset
+or a composition the sampler draws again costs nothing. `kvsim.sim.exact.ExactEvaluator` (the exact
+tier) runs the real model teacher-forced over the compressed cache.
 
-`Objective` is the function Optuna calls:
-- `quality`: maximize the mean sim_score over the search samples at the fixed budget. The samples
-  are scored in the split's stratified order and the running mean is reported after 2, 4, 8, ...
-  of them (growing subsets), so the pruner can stop a weak trial after a few samples.
-- `pareto`: maximize the mean sim_score and minimize the mean KV MiB per sample, with the budget
-  itself a parameter over the given range. Optuna's pruners are single-objective, so every trial
-  sees every search sample.
-
-`quality` compares policies at equal memory: a policy holding more KV bytes than a drop-only
-policy at the same budget (`BYTE_REFERENCE`, measured on the first search sample) is infeasible.
-Without this, quantize retention, which keeps every evicted token at low precision on top of the
-budgeted full-precision ones, wins by holding several times the memory.
+`Objective` is the function Optuna calls. Every trial first meets the proxy:
+- at a fixed budget (`quality`), a policy holding more KV bytes than dropping at that budget
+  (`BYTE_REFERENCE`, measured on the first search sample) is infeasible: equal memory, or quantize
+  retention wins by holding several times the bytes;
+- the proxy's mean `sim_score` over the search samples is reported after 2, 4, 8, ... of them
+  (growing subsets in the split's stratified order), so the pruner stops weak trials early.
+With `tier="proxy"` the trial's value is that mean. With `tier="exact"` (the default of `kvsim
+search`), a trial whose final proxy mean reaches the `promote` quantile of the proxy means of
+earlier trials (and every preset, which the study enqueues first and never prunes) is promoted: the exact tier
+scores it on every search sample and its value is the **mean answer log-likelihood** (the mean
+log-probability of the reference answer's tokens, teacher-forced after the question; task-linked
+and continuous, unlike a 0/1 score on a few samples). KL to the full cache and top-1 agreement are
+recorded beside it and break ties when winners are ranked. A trial below the quantile is pruned
+with the reason recorded, so the sampler learns the proxy's verdict.
+- `pareto`: the value above and the mean KV MiB per sample, with the budget a parameter over the
+  given range. Optuna's pruners are single-objective, so every trial sees every search sample.
 
 A policy the traces cannot run (an observation window longer than the captured one, a part
-refusing its inputs) or over the byte limit is pruned with the reason in the trial's `infeasible` attribute, so the
-study goes on and the sampler learns to avoid it.
+refusing its inputs) or over the byte limit is pruned with the reason in the trial's `infeasible`
+attribute, so the study goes on.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import optuna
 
 from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, Budget, Policy
-from kvsim.policies.parts import KINDS
-from kvsim.search.space import suggest_policy
+from kvsim.search.space import PRESET_PREFIX, suggest_policy
+from kvsim.sim.exact import ExactEvaluator
 from kvsim.sim.simulate import PreparedSample, policy_layer_count, prepare_sample, sim_score
 from kvsim.traces.store import TraceSet
 
 OBJECTIVES = ("quality", "pareto")
+TIERS = ("exact", "proxy")
+# Trials whose proxy mean is at or above this quantile of earlier trials' are scored exactly.
+DEFAULT_PROMOTE = 0.5
+# Below this many earlier proxy means there is no quantile to judge by: every trial is promoted.
+PROMOTE_STARTUP_TRIALS = 5
 # The memory a budget means in quality searches: what plain dropping at that budget holds.
 BYTE_REFERENCE = PRESETS["snapkv"]
 BYTE_TOLERANCE = 1.01
@@ -73,7 +82,7 @@ class Evaluator:
         return self._prepared[sample_id]
 
     def evaluate(self, policy: Policy, budget: Budget, sample_id: str) -> SampleResult:
-        key = (policy_key(policy), budget.label, sample_id)
+        key = (policy.decision_key(), budget.label, sample_id)
         if key not in self._results:
             outcomes = self.prepared(sample_id).replay(policy, budget)
             self._results[key] = SampleResult(sim_score(outcomes), sum(outcome.kv_bytes for outcome in outcomes))
@@ -82,12 +91,6 @@ class Evaluator:
     def mean(self, policy: Policy, budget: Budget, sample_ids: Sequence[str]) -> SampleResult:
         results = [self.evaluate(policy, budget, sample_id) for sample_id in sample_ids]
         return SampleResult(sum(r.sim_score for r in results) / len(results), round(sum(r.kv_bytes for r in results) / len(results)))
-
-
-def policy_key(policy: Policy) -> str:
-    """What a policy decides, without its name: two trials of the same composition share results."""
-    spec = policy.to_spec()
-    return json.dumps({kind: spec[kind] for kind in KINDS}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ class Objective:
     budget: Budget | BudgetRange
     objective: str = "quality"
     space: str = "full"
+    exact: ExactEvaluator | None = None  # None: the proxy tier alone decides
+    promote: float = DEFAULT_PROMOTE
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr(WORKER_ATTR, worker_tag())
@@ -135,17 +140,20 @@ class Objective:
         trial.set_user_attr("policy", policy.to_spec())
         trial.set_user_attr("budget", budget.value)
         try:
-            policy.check_traces(policy_layer_count(self.evaluator.traceset), self.evaluator.traceset.meta["window"])
-            result = self._score(trial, policy, budget)
+            traceset = self.evaluator.traceset
+            policy.check_traces(policy_layer_count(traceset), traceset.meta["window"], traceset.statistics)
+            proxy = self._proxy(trial, policy, budget)
         except KvsimError as err:
             trial.set_user_attr("infeasible", str(err))
             raise optuna.TrialPruned(str(err)) from None
-        trial.set_user_attr("kv_mib", result.kv_bytes / 2**20)
+        trial.set_user_attr("kv_mib", proxy.kv_bytes / 2**20)
+        trial.set_user_attr("sim_score", proxy.sim_score)
+        value = proxy.sim_score if self.exact is None else self._exact(trial, policy, budget)
         if self.objective == "pareto":
-            return result.sim_score, result.kv_bytes / 2**20
-        return result.sim_score
+            return value, proxy.kv_bytes / 2**20
+        return value
 
-    def _score(self, trial: optuna.Trial, policy: Policy, budget: Budget) -> SampleResult:
+    def _proxy(self, trial: optuna.Trial, policy: Policy, budget: Budget) -> SampleResult:
         if self.objective == "pareto":
             return self.evaluator.mean(policy, budget, self.samples)
         first = self.samples[:1]
@@ -157,8 +165,37 @@ class Objective:
         steps = checkpoints(len(self.samples))
         for step in steps[:-1]:
             trial.report(self.evaluator.mean(policy, budget, self.samples[:step]).sim_score, step)
-            if trial.should_prune():
+            if trial.should_prune() and not is_preset(trial):  # presets are the baseline: always scored in full
                 raise optuna.TrialPruned(f"pruned after {step} samples")
         final = self.evaluator.mean(policy, budget, self.samples)
         trial.report(final.sim_score, steps[-1])
         return final
+
+    def _exact(self, trial: optuna.Trial, policy: Policy, budget: Budget) -> float:
+        threshold = promotion_threshold(trial, self.promote)
+        sim = trial.user_attrs["sim_score"]
+        if not is_preset(trial) and threshold is not None and sim < threshold:
+            trial.set_user_attr("tier", "proxy")
+            raise optuna.TrialPruned(f"proxy sim_score {sim:.4f} below the promotion threshold {threshold:.4f}")
+        result = self.exact.mean(policy, budget, self.samples)
+        trial.set_user_attr("tier", "exact")
+        for name, value in asdict(result).items():
+            trial.set_user_attr(name, value)
+        return result.answer_logprob
+
+
+def is_preset(trial: optuna.Trial) -> bool:
+    return trial.params.get("family", "").startswith(PRESET_PREFIX)
+
+
+def promotion_threshold(trial: optuna.Trial, quantile: float) -> float | None:
+    """The `quantile` of the final proxy means of the study's other trials, or None while there are
+    too few of them to judge by."""
+    scores = sorted(
+        other.user_attrs["sim_score"]
+        for other in trial.study.get_trials(deepcopy=False)
+        if other.number != trial.number and "sim_score" in other.user_attrs
+    )
+    if len(scores) < PROMOTE_STARTUP_TRIALS:
+        return None
+    return scores[min(len(scores) - 1, int(quantile * len(scores)))]

@@ -1,34 +1,43 @@
-"""The files a search leaves in RUNDIR besides the study: the trials table, the winners, the scores
-on held-out samples, and `search.json`, the small file later commands read (layout in
-`kvsim.search`).
+"""What a search leaves in its run folder besides the study: the trials table, the winners re-ranked
+on the validation samples, the presets scored beside them, and `search.json` (layout in
+`kvsim.search`). Everything the report shows is computed here and recorded, so the report can be
+rendered again from the folder alone (after `kvsim validate --run` adds the live test table).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import optuna
 import polars as pl
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from kvsim.paths import write_atomically
 from kvsim.policies import PRESETS, Budget, Policy
-from kvsim.search.objective import WORKER_ATTR, Evaluator, policy_key
-from kvsim.search.space import PRESET_PREFIX
+from kvsim.policies.compress import allocate
+from kvsim.search.objective import WORKER_ATTR, Evaluator
 from kvsim.search.run import Prepared, settings_json
+from kvsim.search.space import COMPOSED, PRESET_PREFIX
+from kvsim.sim.exact import ExactEvaluator
 
-SEARCH_JSON = "search.json"
-TRIALS_PARQUET = "trials.parquet"
-TOP_DIR = "top"
-FORMAT_VERSION = 1
+# The best trials re-ranked on the validation samples (at least --top of them).
+RERANK = 5
+# Presets whose allocators differ, so the per-layer plot shows every allocation shape once.
+ALLOCATION_PRESETS = ("snapkv", "pyramidkv", "adakv", "cake", "prefixkv", "d2o", "razor")
+MAX_IMPORTANCES = 15
 
 TRIALS_SCHEMA = {
     "number": pl.Int64,
     "state": pl.String,
+    "value": pl.Float64,
+    "tier": pl.String,
     "sim_score": pl.Float64,
+    "answer_logprob": pl.Float64,
+    "kl": pl.Float64,
+    "top1": pl.Float64,
     "kv_mib": pl.Float64,
     "budget": pl.Float64,
     "family": pl.String,
@@ -43,19 +52,25 @@ TRIALS_SCHEMA = {
 
 
 def trials_table(study: optuna.Study) -> pl.DataFrame:
-    """One row per trial; `policy` and `params` are JSON strings (a policy spec; Optuna's params)."""
+    """One row per trial. `value` is what the study optimized (answer log-likelihood on the exact
+    tier, sim_score on the proxy); `sim_score` is the proxy's mean, for a pruned trial over the
+    samples seen; `policy` and `params` are JSON strings."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        values = trial.values or []
         last_step = trial.last_step if trial.state == TrialState.PRUNED else None
         rows.append({
             "number": trial.number,
             "state": trial.state.name,
-            "sim_score": values[0] if values else trial.intermediate_values.get(last_step),
+            "value": trial.values[0] if trial.values else None,
+            "tier": attrs.get("tier", "proxy" if "sim_score" in attrs else None),
+            "sim_score": attrs.get("sim_score", trial.intermediate_values.get(last_step)),
+            "answer_logprob": attrs.get("answer_logprob"),
+            "kl": attrs.get("kl"),
+            "top1": attrs.get("top1"),
             "kv_mib": attrs.get("kv_mib"),
             "budget": attrs.get("budget"),
-            "family": trial.params.get("family", "composed"),
+            "family": trial.params.get("family", COMPOSED),
             "pruned_after_samples": last_step,
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
             "worker": attrs.get(WORKER_ATTR),
@@ -67,13 +82,14 @@ def trials_table(study: optuna.Study) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=TRIALS_SCHEMA)
 
 
-def top_trials(study: optuna.Study, objective: str, k: int) -> list[FrozenTrial]:
-    """The k best distinct policies: by sim_score, or the Pareto front's k highest-quality points."""
+def best_trials(study: optuna.Study, objective: str, k: int) -> list[FrozenTrial]:
+    """The k best distinct policies on the search samples: by value (KL breaking ties on the exact
+    tier), or the Pareto front's k highest-quality points."""
     candidates = study.best_trials if objective == "pareto" else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    ranked = sorted(candidates, key=lambda trial: (-trial.values[0], trial.number))
+    ranked = sorted(candidates, key=lambda trial: (-trial.values[0], trial.user_attrs.get("kl", 0.0), trial.number))
     chosen, seen = [], set()
     for trial in ranked:
-        key = (policy_key(trial_policy(trial)), trial.user_attrs["budget"])
+        key = (trial_policy(trial).decision_key(), trial.user_attrs["budget"])
         if key not in seen:
             seen.add(key)
             chosen.append(trial)
@@ -87,46 +103,46 @@ def trial_policy(trial: FrozenTrial, name: str | None = None) -> Policy:
     return Policy.from_spec(spec)
 
 
-def trial_budget(trial: FrozenTrial) -> Budget:
-    return Budget(trial.user_attrs["budget"])
-
-
 @dataclass(frozen=True)
 class Scored:
-    """One policy at one budget: its mean scores on the search and held-out samples."""
+    """One policy at one budget, scored on the validation samples (the search's own split)."""
 
-    policy: Policy
-    budget: Budget
-    search: float | None
-    held_out: float | None
-    kv_mib: float | None  # mean KV MiB per sample, on the held-out samples when there are any
-    trial: int | None = None  # None for presets
+    name: str
+    policy: dict  # the spec
+    budget: float | int
+    trial: int | None  # None for presets
+    search_value: float | None  # the study's value on the search samples (None: a preset no trial drew)
+    validation: dict  # answer_logprob, answer_match, kl, top1 (exact tier) and sim_score, kv_mib
 
 
-def score_winners_and_presets(prepared: Prepared, study: optuna.Study, evaluator: Evaluator, winners: list[FrozenTrial]) -> list[Scored]:
-    """The winners, then every preset at the best winner's budget, scored on the held-out samples.
+def score_on_validation(
+    prepared: Prepared, study: optuna.Study, proxy: Evaluator, exact: ExactEvaluator | None
+) -> tuple[list[Scored], list[Scored]]:
+    """(winners best first, presets): the best trials re-ranked on the validation samples, and every
+    preset at the winners' budget scored the same way. Without validation samples the search
+    samples stand in, and the summary says so."""
+    settings, split = prepared.settings, prepared.split
+    samples = split.validation or split.search
+    candidates = best_trials(study, settings.objective, max(settings.top, RERANK))
 
-    Search scores come from the study (a preset has one when a trial drew it at that budget and
-    saw every search sample); presets are not re-run on the search samples, which would cost as
-    much as dozens of trials.
-    """
-    split, name = prepared.split, prepared.settings.study
+    def scored(name: str, policy: Policy, budget: Budget, trial: FrozenTrial | None) -> Scored:
+        proxy_result = proxy.mean(policy, budget, samples)
+        metrics = {"sim_score": proxy_result.sim_score, "kv_mib": proxy_result.kv_bytes / 2**20}
+        if exact is not None:
+            metrics |= asdict(exact.mean(policy, budget, samples))
+        value = trial.values[0] if trial is not None else None
+        return Scored(name, policy.to_spec(), budget.value, None if trial is None else trial.number, value, metrics)
 
-    def entry(policy: Policy, budget: Budget, trial: FrozenTrial | None, number: int | None = None) -> Scored:
-        held_out = evaluator.mean(policy, budget, split.held_out) if split.held_out else None
-        kv_mib = held_out.kv_bytes / 2**20 if held_out else trial.user_attrs["kv_mib"] if trial else None
-        search = trial.values[0] if trial else None
-        return Scored(policy, budget, search, held_out.sim_score if held_out else None, kv_mib, number)
-
-    scored = [
-        entry(trial_policy(trial, f"{name}-top{rank}"), trial_budget(trial), trial, trial.number)
-        for rank, trial in enumerate(winners, 1)
-    ]
+    winners = [scored(f"trial-{t.number}", trial_policy(t), Budget(t.user_attrs["budget"]), t) for t in candidates]
+    key = (lambda s: (-s.validation["answer_logprob"], s.validation["kl"])) if exact else (lambda s: -s.validation["sim_score"])
+    winners = sorted(winners, key=key)[: settings.top]
+    presets = []
     if winners:
-        budget = trial_budget(winners[0])
-        searched = _preset_trials(study, budget)
-        scored += [entry(policy, budget, searched.get(policy.name)) for policy in PRESETS.values()]
-    return scored
+        budget = Budget(winners[0].budget)
+        drawn = _preset_trials(study, budget)
+        statistics = prepared.traceset.statistics  # presets reading statistics the traces lack (kvzip) cannot run
+        presets = [scored(name, policy, budget, drawn.get(name)) for name, policy in PRESETS.items() if policy.requirements() <= statistics]
+    return winners, presets
 
 
 def _preset_trials(study: optuna.Study, budget: Budget) -> dict[str, FrozenTrial]:
@@ -139,29 +155,78 @@ def _preset_trials(study: optuna.Study, budget: Budget) -> dict[str, FrozenTrial
     return found
 
 
-def write_outputs(prepared: Prepared, study: optuna.Study, scored: list[Scored], report: Path | None) -> dict:
+def importances(study: optuna.Study, objective: str, family: str | None = None) -> dict[str, float] | str:
+    """Optuna's parameter importances, over all trials or within one family (where `family` itself
+    is constant, so the parts and parameters that matter inside the winner's family show); a
+    string says why there are none."""
+    target = (lambda trial: trial.values[0]) if objective == "pareto" else None
+    if family is not None:
+        trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params.get("family") == family]
+        study = optuna.create_study(directions=study.directions)
+        study.add_trials(trials)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "importances will be equal" on flat studies: the plot shows it
+            found = optuna.importance.get_param_importances(study, target=target)
+    except (ValueError, RuntimeError) as err:  # too few trials, or a space with one point
+        return f"not available: {err}"
+    if not found:
+        return "not available: no completed trial with parameters"
+    return dict(list(found.items())[:MAX_IMPORTANCES])
+
+
+def layer_budgets(proxy: Evaluator, sample_id: str, entries: Sequence[Scored]) -> dict[str, list[float]]:
+    """Each layer's budget relative to a uniform split, on one sample: the winner and the presets
+    whose allocators differ."""
+    prepared = proxy.prepared(sample_id)
+    shown = [entries[0]] + [e for e in entries[1:] if e.trial is None and e.name in ALLOCATION_PRESETS]
+    curves = {}
+    for entry in shown:
+        _, budgets = allocate(Policy.from_spec(entry.policy), prepared.views, Budget(entry.budget), prepared.sample.prompt_len)
+        per_layer = budgets.double().mean(dim=1)
+        curves[entry.name] = (per_layer / per_layer.mean()).tolist()
+    return curves
+
+
+def write_outputs(prepared: Prepared, study: optuna.Study, winners: list[Scored], presets: list[Scored], proxy: Evaluator) -> dict:
     """trials.parquet, top/<rank>.json and search.json; returns what search.json holds."""
-    rundir = Path(prepared.settings.rundir)
-    write_atomically(rundir / TRIALS_PARQUET, trials_table(study).write_parquet)
-    (rundir / TOP_DIR).mkdir(exist_ok=True)
+    run = prepared.run
+    run.write_trials(trials_table(study))
     top = []
-    for rank, entry in enumerate((s for s in scored if s.trial is not None), 1):
-        spec_path = rundir / TOP_DIR / f"{rank}.json"
-        spec = {
-            "policy": entry.policy.to_spec(),
-            "budget": entry.budget.value,
-            "provenance": {"study": prepared.settings.study, "trial": entry.trial, "traces": prepared.study_settings["traces"]},
-            "sim_score": {"search": entry.search, "held_out": entry.held_out},
-            "kv_mib": entry.kv_mib,
-        }
-        write_atomically(spec_path, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"))
-        top.append({"rank": rank, "spec": f"{TOP_DIR}/{rank}.json", **{k: v for k, v in spec.items() if k != "policy"}})
-    summary = search_json(prepared, study) | {"top": top, "report": report.name if report else None}
-    write_search_json(rundir, summary)
+    for rank, entry in enumerate(winners, 1):
+        spec = {"policy": entry.policy, "budget": entry.budget, **_provenance(prepared, entry)}
+        top.append({"rank": rank, "spec": run.write_top_spec(rank, spec), **{k: v for k, v in spec.items() if k != "policy"}})
+    family = _family_of(study, winners[0].trial) if winners else None
+    summary = summary_of(prepared, study) | {
+        "top": top,
+        "presets": [asdict(entry) for entry in presets],
+        "importances": {"all": importances(study, prepared.settings.objective)},
+    }
+    if family is not None:
+        summary["importances"]["winner_family"] = {"family": family, "values": importances(study, prepared.settings.objective, family)}
+    if winners:
+        samples = prepared.split.validation or prepared.split.search
+        summary["layer_budgets"] = {"sample_id": samples[0], "curves": layer_budgets(proxy, samples[0], winners[:1] + presets)}
+    run.write_summary(summary)
     return summary
 
 
-def search_json(prepared: Prepared, study: optuna.Study | None = None) -> dict:
+def _provenance(prepared: Prepared, entry: Scored) -> dict:
+    return {
+        "name": entry.name,
+        "provenance": {"study": prepared.settings.study, "trial": entry.trial, "traces": prepared.study_settings["traces"]},
+        "search_value": entry.search_value,
+        "validation": entry.validation,
+    }
+
+
+def _family_of(study: optuna.Study, number: int | None) -> str | None:
+    if number is None:
+        return None
+    return study.trials[number].params.get("family", COMPOSED) if number < len(study.trials) else None
+
+
+def summary_of(prepared: Prepared, study: optuna.Study | None = None) -> dict:
     settings = settings_json(prepared.settings) | {"storage": prepared.storage.describe()}
     counts = {}
     if study is not None:
@@ -169,21 +234,17 @@ def search_json(prepared: Prepared, study: optuna.Study | None = None) -> dict:
             count = len(study.get_trials(deepcopy=False, states=(state,)))
             if count:
                 counts[state.name.lower()] = count
+    split = prepared.split
     return {
-        "format_version": FORMAT_VERSION,
         "study": prepared.settings.study,
         "storage": prepared.storage.describe(),
         "traces": settings["traces"],
         "traces_fingerprint": prepared.study_settings["traces"],
         "mode": prepared.settings.mode,
         "objective": prepared.settings.objective,
+        "tier": prepared.settings.tier,
         "budget": prepared.settings.budget_value(),
-        "samples": {"search": list(prepared.split.search), "held_out": list(prepared.split.held_out)},
+        "samples": {"search": list(split.search), "validation": list(split.validation), "test": list(split.test)},
         "trials": counts,
         "settings": settings,
     }
-
-
-def write_search_json(rundir: Path, summary: dict) -> None:
-    text = json.dumps(summary, indent=2) + "\n"
-    write_atomically(rundir / SEARCH_JSON, lambda tmp: tmp.write_text(text))

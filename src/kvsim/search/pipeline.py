@@ -1,34 +1,38 @@
-"""`search(settings)`: trials, then the files in RUNDIR; what `kvsim search` runs."""
+"""`search(settings)`: trials, the re-ranking on validation samples, then the files in the run folder."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from kvsim.search.objective import Evaluator
-from kvsim.search.outputs import score_winners_and_presets, search_json, top_trials, trials_table, write_outputs, write_search_json
+from kvsim.search.outputs import score_on_validation, summary_of, write_outputs
 from kvsim.search.report import write_report
+from kvsim.search.rundir import SearchRun
 from kvsim.search.run import SearchSettings, one_torch_thread, prepare, run_trials
+from kvsim.traces.models import LoadedModel, load_model
 
-REPORT = "report.html"
 
-
-def search(settings: SearchSettings, on_progress: Callable[[int], None] = lambda done: None) -> dict:
-    """Run the study and write RUNDIR; returns the content of `search.json`.
+def search(
+    settings: SearchSettings, on_progress: Callable[[int], None] = lambda done: None, loaded: LoadedModel | None = None
+) -> SearchRun:
+    """Run the study, re-rank its best trials on the validation samples, and write the run folder.
 
     `on_progress(n)` is called with 0 once the inputs are checked (before any trial), then as
-    trials finish, with how many finished since the last call.
+    trials finish, with how many finished since the last call. `loaded`: the model for the exact
+    tier, when the caller has it in memory (default: loaded from the traces' model id; spawned
+    workers always load their own).
     """
     prepared = prepare(settings)
-    rundir = Path(settings.rundir)
+    run = prepared.run
     # Written before the first trial, so the split is on record even if the run is interrupted.
-    write_search_json(rundir, search_json(prepared) | {"top": []})
+    run.write_summary(summary_of(prepared) | {"top": []})
+    if prepared.settings.tier == "exact" and loaded is None:
+        loaded = load_model(prepared.traceset.meta["model"]["id"])
     on_progress(0)
-    study = run_trials(prepared, on_progress)
-    winners = top_trials(study, settings.objective, settings.top)
-    evaluator = Evaluator(prepared.traceset, settings.mode)
+    study = run_trials(prepared, on_progress, loaded)
+    proxy = Evaluator(prepared.traceset, prepared.settings.mode)
     with one_torch_thread():
-        scored = score_winners_and_presets(prepared, study, evaluator, winners)
-        summary = write_outputs(prepared, study, scored, rundir / REPORT)
-        write_report(rundir / REPORT, summary, study, trials_table(study), scored, evaluator)
-    return summary
+        winners, presets = score_on_validation(prepared, study, proxy, prepared.exact_evaluator(loaded))
+        write_outputs(prepared, study, winners, presets, proxy)
+    write_report(run)
+    return run

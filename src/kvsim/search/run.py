@@ -7,8 +7,9 @@ its trials in this process (`--workers 1`) or in K spawned worker processes shar
 than starts over, and several runs against one PostgreSQL study each add their own N.
 
 Every worker prepares the search samples it touches once and keeps them (about 50 MB per
-1.5K-token sample of the bundled model), so K workers hold K copies: the price of processes,
-which Python needs for CPU-bound trials (threads would share one core under the GIL).
+1.5K-token sample of the bundled model), and with the exact tier loads the model and prefills each
+search sample once, so K workers hold K copies: the price of processes, which Python needs for
+CPU-bound trials (threads would share one core under the GIL).
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ from optuna.trial import TrialState
 from kvsim.errors import KvsimError
 from kvsim.paths import ensure_writable_dir
 from kvsim.policies import Budget
-from kvsim.search.objective import OBJECTIVES, BudgetRange, Evaluator, Objective
-from kvsim.search.space import ALLOCATION_BASE
+from kvsim.live.validate import check_model_matches
+from kvsim.search.objective import DEFAULT_PROMOTE, OBJECTIVES, TIERS, BudgetRange, Evaluator, Objective
+from kvsim.search.rundir import SearchRun
+from kvsim.search.space import ALLOCATION_BASE, preset_trials
 from kvsim.search.split import Split, split_samples
 from kvsim.search.storage import DEFAULT_HEARTBEAT_S, StorageChoice, choose_storage, retry_orphaned_trials
 from kvsim.search.study import make_sampler, open_study
+from kvsim.sim.exact import ExactEvaluator
 from kvsim.sim.simulate import policy_layer_count
+from kvsim.traces.models import LoadedModel, load_model
 from kvsim.traces.store import TraceSet, check_mode
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -53,10 +58,13 @@ class SearchSettings:
     storage: str | None = None
     workers: int = 1
     sampler: str = "tpe"
-    mode: str = "query-aware"
+    mode: str | None = None  # None: the TraceSet's one mode (refused when it holds both)
     seed: int = 0
-    held_out: float = 0.25
+    validation: float = 0.25
+    test: float = 0.25
     top: int = 3
+    tier: str = "exact"
+    promote: float = DEFAULT_PROMOTE
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
 
     @property
@@ -78,6 +86,15 @@ class Prepared:
     split: Split
     storage: StorageChoice
     study_settings: dict  # what a resumed study must match (see kvsim.search.study.open_study)
+    run: SearchRun
+
+    def exact_evaluator(self, loaded: LoadedModel | None = None) -> ExactEvaluator | None:
+        """The exact tier for this process (None with --tier proxy); loads the model that captured the traces."""
+        if self.settings.tier != "exact":
+            return None
+        loaded = loaded or load_model(self.traceset.meta["model"]["id"])
+        check_model_matches(loaded, self.traceset)
+        return ExactEvaluator(loaded, self.traceset, self.settings.mode)
 
 
 def prepare(settings: SearchSettings) -> Prepared:
@@ -87,7 +104,10 @@ def prepare(settings: SearchSettings) -> Prepared:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if settings.objective not in OBJECTIVES:
         raise KvsimError(f"unknown objective {settings.objective!r}: choose {' or '.join(OBJECTIVES)}")
-    check_mode(settings.mode)
+    if settings.tier not in TIERS:
+        raise KvsimError(f"unknown tier {settings.tier!r}: choose {' or '.join(TIERS)}")
+    if not 0 <= settings.promote < 1:
+        raise KvsimError(f"--promote {settings.promote} is outside [0, 1): give the proxy quantile a trial must reach, e.g. 0.5")
     if settings.trials < 1 or settings.workers < 1 or settings.top < 1:
         raise KvsimError("--trials, --workers and --top must be at least 1")
     if settings.objective == "pareto" and not isinstance(settings.budget, BudgetRange):
@@ -96,14 +116,17 @@ def prepare(settings: SearchSettings) -> Prepared:
         raise KvsimError("--objective quality searches at one budget: give one, e.g. --budget 0.05")
     make_sampler(settings.sampler, settings.objective, settings.seed)  # rejects unknown or unfit samplers early
     traceset = TraceSet.open(settings.traces)
+    settings = replace(settings, mode=infer_mode(traceset, settings.mode))
     if settings.space == "allocation":
         ALLOCATION_BASE.check_traces(policy_layer_count(traceset), traceset.meta["window"])
-    split = split_samples(traceset.manifest, settings.mode, settings.held_out, settings.seed)
+    traceset.check_files(settings.mode)  # a damaged file is an error here, not a pruned trial
+    split = split_samples(traceset.manifest, settings.mode, settings.validation, settings.test, settings.seed)
     highest = settings.budget.high if isinstance(settings.budget, BudgetRange) else settings.budget
-    for sample_id in split.search + split.held_out:
+    for sample_id in split.search + split.validation + split.test:
         highest.per_head(traceset.sample(sample_id, settings.mode).prompt_len)
     ensure_writable_dir(settings.rundir, "run folder")
-    storage = choose_storage(settings.storage, settings.rundir, settings.workers, settings.heartbeat_s)
+    run = SearchRun(Path(settings.rundir))
+    storage = choose_storage(settings.storage, run, settings.workers, settings.heartbeat_s)
     study_settings = {
         "traces": traces_fingerprint(traceset),
         "mode": settings.mode,
@@ -111,9 +134,23 @@ def prepare(settings: SearchSettings) -> Prepared:
         "budget": settings.budget_value(),
         "space": settings.space,
         "split_seed": settings.seed,
-        "held_out": settings.held_out,
+        "validation": settings.validation,
+        "test": settings.test,
+        "tier": settings.tier,
+        "promote": settings.promote,
     }
-    return Prepared(settings, traceset, split, storage, study_settings)
+    return Prepared(settings, traceset, split, storage, study_settings, run)
+
+
+def infer_mode(traceset: TraceSet, mode: str | None) -> str:
+    """The mode asked for, or the TraceSet's only one."""
+    if mode is not None:
+        check_mode(mode)
+        return mode
+    modes = sorted(set(traceset.manifest["mode"]))
+    if len(modes) != 1:
+        raise KvsimError(f"the traces hold both evaluation modes ({', '.join(modes)}): pass --mode to choose one")
+    return modes[0]
 
 
 def traces_fingerprint(traceset: TraceSet) -> str:
@@ -122,14 +159,18 @@ def traces_fingerprint(traceset: TraceSet) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-def run_trials(prepared: Prepared, on_progress: Callable[[int], None] = lambda done: None) -> optuna.Study:
-    """Add `trials` trials to the study with `workers` processes; returns the study (reloaded)."""
+def run_trials(
+    prepared: Prepared, on_progress: Callable[[int], None] = lambda done: None, loaded: LoadedModel | None = None
+) -> optuna.Study:
+    """Add `trials` trials to the study with `workers` processes; returns the study (reloaded).
+    `loaded`: the model for the exact tier in this process (spawned workers load their own)."""
     settings = prepared.settings
-    study = open_study(prepared.storage, settings.study, prepared.study_settings)
+    enqueue = preset_trials() if settings.space == "full" and settings.objective == "quality" else []
+    study = open_study(prepared.storage, settings.study, prepared.study_settings, enqueue=enqueue)
     if prepared.storage.embedded:
         retry_orphaned_trials(study)
     if settings.workers == 1:
-        _optimize(prepared, settings.trials, 0, lambda: on_progress(1))
+        _optimize(prepared, settings.trials, 0, lambda: on_progress(1), loaded)
     else:
         _run_workers(prepared, study, on_progress)
     return open_study(prepared.storage, settings.study, prepared.study_settings)
@@ -166,7 +207,9 @@ def _worker(settings: SearchSettings, trials: int, index: int) -> None:
     _optimize(prepare(settings), trials, index, lambda: None)
 
 
-def _optimize(prepared: Prepared, trials: int, index: int, after_trial: Callable[[], None]) -> None:
+def _optimize(
+    prepared: Prepared, trials: int, index: int, after_trial: Callable[[], None], loaded: LoadedModel | None = None
+) -> None:
     settings = prepared.settings
     study = open_study(prepared.storage, settings.study, prepared.study_settings)
     # Distinct seeds per worker and per run, or parallel and resumed workers redraw the same points;
@@ -174,7 +217,8 @@ def _optimize(prepared: Prepared, trials: int, index: int, after_trial: Callable
     seed = settings.seed + index + len(study.trials) + (0 if prepared.storage.embedded else os.getpid())
     study.sampler = make_sampler(settings.sampler, settings.objective, seed)
     objective = Objective(
-        Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget, settings.objective, settings.space
+        Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget, settings.objective, settings.space,
+        prepared.exact_evaluator(loaded), settings.promote,
     )
     with one_torch_thread():
         study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial()], gc_after_trial=False)

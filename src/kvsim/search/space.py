@@ -4,8 +4,13 @@
 and `composed`, a free composition of one scorer, allocator, schedule and retention from the
 registry. Each chosen part samples its own parameters with its `suggest` (declared beside its
 fields), under the prefix `<kind>.<name>.`, so parts never share a parameter name and Optuna sees
-a clean conditional space. The `free_vector` allocator samples one weight per layer of the traced
-model.
+a clean conditional space. The parts are read from the registry, so a newly registered part joins
+the composed family by itself: among them the `knots` allocator (a four-knot depth profile and a
+head-competition strength, a handful of dimensions where `free_vector` has one per layer), the
+`mixture` scorer (2-3 normalised components drawn from the registry, nested under
+`scorer.mixture.<i>.<name>.`) and `mixed_precision` retention (quantized tokens inside the
+budget's bytes, so it competes at equal memory where plain `quantize` cannot). The `free_vector`
+allocator samples one weight per layer of the traced model.
 
 Two spaces:
 - `full`: the above, for TPE, GP and NSGA-II, which handle categorical and conditional parameters.
@@ -32,6 +37,11 @@ PRESET_PREFIX = "preset:"
 FAMILIES = [PRESET_PREFIX + name for name in PRESETS if name != "full"] + [COMPOSED]
 ALLOCATION_BASE = PRESETS["snapkv"]
 ALLOCATORS = sorted(name for name, cls in REGISTRY["allocator"].items() if cls is not AllTokens)
+
+
+def preset_trials() -> list[dict]:
+    """Parameters that make a trial evaluate each preset, for `study.enqueue_trial`."""
+    return [{"family": family} for family in FAMILIES if family != COMPOSED]
 
 
 def suggest_policy(trial, n_layers: int, space: str = "full") -> Policy:

@@ -19,6 +19,7 @@ Dead workers. A worker tags every trial it runs with `host:pid` (`objective.WORK
   next worker that asks for a trial, which queues a copy the same way.
 Both re-queue through Optuna's `RetryHeartbeatStaleTrialCallback`, so the copy records which trial
 it retries (`retried_trial_number`) and gives up after `MAX_RETRY` attempts of one configuration.
+A trial that died while its parameters were being drawn is failed without a copy (`RetryDrawnTrial`).
 """
 
 from __future__ import annotations
@@ -37,12 +38,23 @@ from sqlalchemy.engine import make_url
 
 from kvsim.errors import KvsimError
 from kvsim.search.objective import WORKER_ATTR
+from kvsim.search.rundir import SearchRun
 
-SQLITE_FILE = "study.db"
-JOURNAL_FILE = "study.journal"
+# `Objective` sets this user attribute once every parameter of a trial is drawn.
+DRAWN_ATTR = "policy"
 MAX_RETRY = 3
 DEFAULT_HEARTBEAT_S = 30
 _SCHEMES = ("postgresql", "sqlite")
+
+
+class RetryDrawnTrial(RetryHeartbeatStaleTrialCallback):
+    """Queue a copy of a dead trial only when all its parameters were drawn. A trial killed while
+    drawing has a partial set; its copy would draw the rest anew and run another configuration
+    under the old trial's name. Such a trial is only failed: the sampler's next trial draws afresh."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if DRAWN_ATTR in trial.user_attrs:
+            super().__call__(study, trial)
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class StorageChoice:
         heartbeat = {} if self.embedded else {
             "heartbeat_interval": self.heartbeat_s,
             "grace_period": 2 * self.heartbeat_s,
-            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            "heartbeat_stale_trial_callback": RetryDrawnTrial(max_retry=MAX_RETRY),
         }
         # pre_ping: PostgreSQL servers drop connections idle for long trials (optuna#5600).
         engine = {"pool_pre_ping": True} if not self.embedded else {"connect_args": {"timeout": 30}}
@@ -88,14 +100,14 @@ class StorageChoice:
             raise KvsimError(f"cannot open storage {self.describe()} ({reason}): check the URL, the server and the credentials") from err
 
 
-def choose_storage(url: str | None, rundir: Path, workers: int, heartbeat_s: int = DEFAULT_HEARTBEAT_S) -> StorageChoice:
-    """The storage a run uses: `url` if given, else the embedded one RUNDIR already holds or needs."""
+def choose_storage(url: str | None, run: SearchRun, workers: int, heartbeat_s: int = DEFAULT_HEARTBEAT_S) -> StorageChoice:
+    """The storage a run uses: `url` if given, else the embedded one the run folder already holds or needs."""
     if url is not None:
         choice = StorageChoice(url=_checked_url(url), heartbeat_s=heartbeat_s)
-    elif (rundir / JOURNAL_FILE).exists() or (workers > 1 and not (rundir / SQLITE_FILE).exists()):
-        choice = StorageChoice(journal=(rundir / JOURNAL_FILE).resolve())
+    elif run.journal_path.exists() or (workers > 1 and not run.sqlite_path.exists()):
+        choice = StorageChoice(journal=run.journal_path.resolve())
     else:
-        choice = StorageChoice(url=f"sqlite:///{(rundir / SQLITE_FILE).resolve()}")
+        choice = StorageChoice(url=f"sqlite:///{run.sqlite_path.resolve()}")
     if workers > 1 and not choice.shareable:
         raise KvsimError(
             f"the study in {choice.describe()} is SQLite, which serves one worker: run it with --workers 1, "
@@ -118,12 +130,12 @@ def _checked_url(url: str) -> str:
 
 
 def retry_orphaned_trials(study: optuna.Study) -> list[int]:
-    """Fail and re-queue the RUNNING trials of processes of this host that no longer exist.
+    """Fail and re-queue (`RetryDrawnTrial`) the RUNNING trials of processes of this host that no longer exist.
 
-    Only for embedded storages (one machine); returns the numbers of the trials re-queued.
+    Only for embedded storages (one machine); returns the numbers of the trials failed.
     """
     host = socket.gethostname()
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    retry = RetryDrawnTrial(max_retry=MAX_RETRY)
     orphans = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")

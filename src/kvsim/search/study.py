@@ -22,6 +22,8 @@ not be comparable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import optuna
 
 from kvsim.errors import KvsimError
@@ -56,11 +58,17 @@ def make_pruner(objective: str) -> optuna.pruners.BasePruner:
 
 
 def open_study(
-    storage: StorageChoice, name: str, settings: dict, sampler: optuna.samplers.BaseSampler | None = None
+    storage: StorageChoice,
+    name: str,
+    settings: dict,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    enqueue: Sequence[dict] = (),
 ) -> optuna.Study:
     """Create the study `name`, or load it when it exists and was made with the same `settings`.
 
-    `settings` must hold `objective`; the whole dict is what a resumed study must match.
+    `settings` must hold `objective`; the whole dict is what a resumed study must match. `enqueue`:
+    parameters of trials a new study runs first (the presets, so a reported winner is at least the
+    best preset on the search samples).
     """
     objective = settings["objective"]
     study = optuna.create_study(
@@ -76,6 +84,8 @@ def open_study(
     recorded = study.user_attrs.get(STUDY_ATTR)
     if recorded is None:
         study.set_user_attr(STUDY_ATTR, settings)
+        for params in enqueue:
+            study.enqueue_trial(params)
     elif recorded != settings:
         changed = sorted(key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key))
         raise KvsimError(

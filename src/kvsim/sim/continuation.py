@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsim.policies.rope import Rotary
 from kvsim.policies.view import CacheView
 from kvsim.shape import ModelShape
 from kvsim.traces.store import TraceSample
@@ -71,9 +72,9 @@ def continuation_attention(sample: TraceSample, layer: int, window: int, scaling
     )
 
 
-def prefill_view(sample: TraceSample, layer: int, shape: ModelShape, window: int) -> CacheView:
+def prefill_view(sample: TraceSample, layer: int, shape: ModelShape, window: int, rope: Rotary | None = None) -> CacheView:
     """The cache a policy sees at the end of the prompt: all prompt tokens, the window's queries,
-    and the column statistics over every prompt query."""
+    the column statistics over every prompt query, and KVzip's scores when captured."""
     trace = sample.layer(layer)
     prompt = sample.prompt_len
     return CacheView(
@@ -87,4 +88,6 @@ def prefill_view(sample: TraceSample, layer: int, shape: ModelShape, window: int
         scaling=shape.scaling,
         colsum=trace.colsum,
         colsq=trace.colsq,
+        rope=rope,
+        reconstruction=trace.kvzip,
     )

@@ -75,18 +75,29 @@ def block_metrics(
     if values is None:
         values = full.values if columns is None else full.values.gather(1, columns[..., None].expand(-1, -1, head_dim))
     output = grouped_matmul(probs, values)
-    reference = full.output[:, :, rows]
-    error = (output - reference).norm(dim=-1) / reference.norm(dim=-1).clamp(min=1e-12)
     kept_mass = at_columns(full.probs[:, :, rows]) * visible
     evidence = full.evidence if columns is None else full.evidence[columns][:, None, None, :]
-    sums = MetricSums(
+    return _sums(full, rows, output, kept_mass, evidence), probs
+
+
+def row_metrics(full: ContinuationAttention, row: int, output: torch.Tensor, readable: torch.Tensor) -> MetricSums:
+    """Metrics of one continuation row whose compressed attention output [kv_heads, group, 1, d]
+    was computed elsewhere (by the decode engine), with `readable` [kv_heads, T] what it could read."""
+    rows = slice(row, row + 1)
+    kept_mass = full.probs[:, :, rows] * readable[:, None, None, :]
+    return _sums(full, rows, output.float(), kept_mass, full.evidence)
+
+
+def _sums(full: ContinuationAttention, rows: slice, output: torch.Tensor, kept_mass: torch.Tensor, evidence: torch.Tensor) -> MetricSums:
+    reference = full.output[:, :, rows]
+    error = (output - reference).norm(dim=-1) / reference.norm(dim=-1).clamp(min=1e-12)
+    return MetricSums(
         recall=float(kept_mass.sum()),
         error=float(error.sum()),
         evidence_kept=float((kept_mass * evidence).sum()),
         evidence_total=float(full.probs[:, :, rows][..., full.evidence].sum()),
         count=error.numel(),
     )
-    return sums, probs
 
 
 def _gatherer(columns: torch.Tensor | None, kv_heads: int, group: int, rows: int):

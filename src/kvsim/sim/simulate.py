@@ -24,13 +24,13 @@ import polars as pl
 from kvsim.errors import KvsimError
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
+from kvsim.policies.rope import Rotary
+from kvsim.policies.presets import ORACLE
 from kvsim.policies.view import CacheView
 from kvsim.sim.continuation import ContinuationAttention, continuation_attention, prefill_view
 from kvsim.sim.oracle import oracle_keeps
 from kvsim.sim.replay import LayerOutcome, replay, replay_selection
 from kvsim.traces.store import TraceSample, TraceSet
-
-ORACLE = "oracle"
 
 
 @dataclass
@@ -52,7 +52,7 @@ def simulate(
 ) -> Simulation:
     budgets = [b if isinstance(b, Budget) else Budget(b) for b in budgets]
     for policy in policies:
-        policy.check_traces(policy_layer_count(traceset), traceset.meta["window"])
+        policy.check_traces(policy_layer_count(traceset), traceset.meta["window"], traceset.statistics)
     rows = []
     for sample in traceset.samples(mode):
         rows += simulate_sample(traceset, sample, policies, budgets, oracle)
@@ -93,7 +93,8 @@ def policy_layer_count(traceset: TraceSet) -> int:
 def prepare_sample(traceset: TraceSet, sample: TraceSample) -> PreparedSample:
     shape, window = traceset.shape, traceset.meta["window"]
     policy_layer_count(traceset)
-    views = [prefill_view(sample, layer, shape, window) for layer in shape.policy_layers]
+    rope = Rotary.from_meta(traceset.meta["model"].get("rope"))
+    views = [prefill_view(sample, layer, shape, window, rope) for layer in shape.policy_layers]
     fulls = [continuation_attention(sample, layer, window, shape.scaling) for layer in shape.policy_layers]
     return PreparedSample(sample, views, fulls)
 

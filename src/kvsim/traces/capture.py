@@ -18,10 +18,12 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 import kvsim
 from kvsim.errors import KvsimError
-from kvsim.traces.models import LoadedModel, eos_token_ids
+from kvsim.policies.rope import Rotary
+from kvsim.traces.kvzip import reconstruction_scores
+from kvsim.traces.models import LoadedModel, context_length, eos_token_ids
 from kvsim.traces.prompt import RenderedPrompt, render_prompt
 from kvsim.traces.recorder import ForwardRecorder, recording
-from kvsim.traces.store import MODES, TraceSet
+from kvsim.traces.store import MODES, TraceSet, check_sample_id
 from kvsim.traces.workloads import Sample, score
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -32,13 +34,15 @@ class CaptureSettings:
     """window: prompt positions whose queries are kept (the observation window policies score with).
     max_new_tokens: length cap of the full-cache greedy continuation.
     top_k: log-probabilities kept per continuation position, for fidelity metrics.
-    storage_dtype: dtype of stored keys, values and queries (statistics stay float32)."""
+    storage_dtype: dtype of stored keys, values and queries (statistics stay float32).
+    kvzip: also run KVzip's reconstruction pass per mode and store its scores (`kvsim.traces.kvzip`)."""
 
     window: int = 64
     max_new_tokens: int = 32
     top_k: int = 20
     storage_dtype: str = "float16"
     modes: tuple[str, ...] = ("query-aware",)
+    kvzip: bool = False
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -65,6 +69,7 @@ class CapturedSample:
     query_start: int
     logprobs: torch.Tensor  # [rows, vocab] log-softmax for positions logprob_start−1 … total−2
     logprob_start: int
+    reconstruction: dict[str, list[torch.Tensor]]  # per mode, per layer [heads, compressed prefix], when asked
 
 
 def compressed_len(prompt: RenderedPrompt, mode: str) -> int:
@@ -72,8 +77,15 @@ def compressed_len(prompt: RenderedPrompt, mode: str) -> int:
     return prompt.prompt_len if mode == "query-aware" else prompt.context_end
 
 
-def check_sample(sample: Sample, prompt: RenderedPrompt, settings: CaptureSettings) -> None:
-    """Reject a sample the settings cannot capture, before any model time is spent."""
+def check_sample(sample: Sample, prompt: RenderedPrompt, settings: CaptureSettings, max_positions: int | None) -> None:
+    """Reject a sample the settings or the model (its `max_positions`) cannot capture, before any model time is spent."""
+    check_sample_id(sample.sample_id)
+    longest = prompt.prompt_len + settings.max_new_tokens
+    if max_positions is not None and longest > max_positions:
+        raise KvsimError(
+            f"sample {sample.sample_id} needs {longest} positions ({prompt.prompt_len} prompt tokens + "
+            f"--max-new-tokens {settings.max_new_tokens}), more than the model's {max_positions}: shorten it"
+        )
     for mode in settings.modes:
         if mode == "query-agnostic" and not sample.question:
             raise KvsimError(
@@ -124,6 +136,10 @@ def record_sample(
         query_start=first - settings.window,
         logprobs=torch.log_softmax(torch.cat(rows).float(), dim=-1),
         logprob_start=first,
+        reconstruction={
+            mode: reconstruction_scores(model, loaded.tokenizer, prompt.input_ids[: compressed_len(prompt, mode)])
+            for mode in (settings.modes if settings.kvzip else ())
+        },
     )
 
 
@@ -150,6 +166,8 @@ def sample_tensors(captured: CapturedSample, mode: str, settings: CaptureSetting
         tensors[f"layers.{i}.q"] = q[:, first_query:].to(dtype=dtype, copy=True)
         tensors[f"layers.{i}.colsum"] = captured.colsum[i][column_groups].sum(0)[:, :start].contiguous()
         tensors[f"layers.{i}.colsq"] = captured.colsq[i][column_groups].sum(0)[:, :start].contiguous()
+        if mode in captured.reconstruction:
+            tensors[f"layers.{i}.kvzip"] = captured.reconstruction[mode][i].contiguous()
     return tensors
 
 
@@ -175,12 +193,20 @@ def manifest_row(sample: Sample, captured: CapturedSample, mode: str, prediction
 
 
 def traceset_metadata(loaded: LoadedModel, settings: CaptureSettings, workload: dict) -> dict:
-    """Set-level metadata stored with the manifest; see `store.RESUME_KEYS` for what must match to resume."""
+    """Set-level metadata stored with the manifest; see `store.RESUME_KEYS` for what must match to resume.
+    The model's layer and head counts stay beside its shape, as format 2 readers find them."""
+    shape = loaded.shape
     model = {
         "id": loaded.source.name,
         "kind": loaded.source.kind,
         "config_hash": loaded.config_hash,
-        "shape": loaded.shape.to_json(),
+        "model_type": shape.model_type,
+        "n_layers": shape.n_layers,
+        "heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "shape": shape.to_json(),
+        "rope": Rotary.from_model(loaded.model).to_meta(),
     }
     capture = asdict(settings)
     capture.pop("modes")
@@ -196,12 +222,13 @@ def traceset_metadata(loaded: LoadedModel, settings: CaptureSettings, workload: 
 
 
 def prepare_prompts(
-    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, settings: CaptureSettings
+    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, settings: CaptureSettings, max_positions: int | None
 ) -> list[RenderedPrompt]:
-    """Render and check every sample; cheap, so bad input fails before the model loads."""
+    """Render and check every sample; cheap, so bad input fails before the model loads.
+    `max_positions` is the model's context length (`models.load_context_length`)."""
     prompts = [render_prompt(sample, tokenizer) for sample in samples]
     for sample, prompt in zip(samples, prompts):
-        check_sample(sample, prompt, settings)
+        check_sample(sample, prompt, settings, max_positions)
     return prompts
 
 
@@ -220,7 +247,7 @@ def capture_traceset(
     `prompts` are the samples already rendered and checked by `prepare_prompts`, if the caller did so.
     """
     if prompts is None:
-        prompts = prepare_prompts(samples, loaded.tokenizer, settings)
+        prompts = prepare_prompts(samples, loaded.tokenizer, settings, context_length(loaded.model.config))
     traceset = TraceSet.create(out, traceset_metadata(loaded, settings, workload))
     for sample, prompt in zip(samples, prompts):
         missing = [mode for mode in settings.modes if not traceset.is_complete(sample.sample_id, mode)]

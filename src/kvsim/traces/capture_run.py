@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kvsim.paths import ensure_writable_dir
 from kvsim.traces.capture import CaptureSettings, capture_traceset, prepare_prompts
-from kvsim.traces.models import DEFAULT_MODEL, load_model, load_tokenizer
+from kvsim.traces.models import DEFAULT_MODEL, load_context_length, load_model, load_tokenizer
 from kvsim.traces.store import TraceSet
 from kvsim.traces.workloads import Haystack, Sample, build_workload
 
@@ -38,14 +38,16 @@ def capture(
     hears each sample's "prefill", "write", "captured" or "skipped".
     """
     settings = settings or CaptureSettings()
-    out = ensure_writable_dir(Path(out), "output folder")
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     filler = Haystack.from_file(Path(haystack)) if haystack else Haystack.default()
     count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     workload_samples = build_workload(
         workload, samples, seed=seed, context_tokens=context_tokens, count_tokens=count_tokens, haystack=filler
     )
-    prompts = prepare_prompts(workload_samples, tokenizer, settings)
+    # Bad input fails before the model loads, and before `out` is created.
+    max_positions = load_context_length(model, trust_remote_code=trust_remote_code)
+    prompts = prepare_prompts(workload_samples, tokenizer, settings, max_positions)
+    out = ensure_writable_dir(Path(out), "output folder")
     workload_meta = {
         "spec": workload,
         "seed": seed,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsim.errors import KvsimError
 from kvsim.paths import cache_root, sha256_file, write_atomically
@@ -131,6 +131,20 @@ def load_tokenizer(name: str = DEFAULT_MODEL, *, trust_remote_code: bool = False
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise KvsimError(f"could not load the tokenizer of {name!r}: {_first_line(err)}") from err
+
+
+def load_context_length(name: str = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> int | None:
+    """The model's longest sequence (`max_position_embeddings`), read from its config without the weights."""
+    folder = _materialize(resolve_model(name), trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise KvsimError(f"could not read the config of {name!r}: {_first_line(err)}") from err
+    return context_length(config)
+
+
+def context_length(config: transformers.PretrainedConfig) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
 
 
 def check_supported(model: PreTrainedModel) -> None:

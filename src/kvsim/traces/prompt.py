@@ -40,7 +40,7 @@ class RenderedPrompt:
 
 def render_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> RenderedPrompt:
     """Lay out `sample` in the model's chat template (when it has one) and tokenize piece by piece."""
-    head, tail = _template_parts(tokenizer)
+    head, tail = template_parts(tokenizer)
     ids = _encode(tokenizer, head)
     evidence = set(sample.evidence())
     needle_spans, filler_spans = [], []
@@ -61,7 +61,7 @@ def render_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> Rendere
     return RenderedPrompt(ids, context_end, needle_spans, filler_spans, question_span)
 
 
-def _template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+def template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     """The chat template's text before and after one user message (with the generation prompt).
 
     Without a template the prompt starts with BOS when the tokenizer normally adds one.

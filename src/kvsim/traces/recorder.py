@@ -16,7 +16,9 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvsim.errors import KvsimError
 from kvsim.kernels import causal_attention_column_stats
 from kvsim.shape import ModelShape
 
@@ -98,7 +100,27 @@ def causal_sdpa(
     return output.transpose(1, 2).contiguous()
 
 
+def check_no_padding(attention_mask: torch.Tensor | None, window: int | None = None) -> None:
+    """Refuse padded inputs: the policy cache and the capture decide per sequence, batch size 1,
+    and neither reads a padding mask. A causal mask alone (what transformers builds without
+    padding) hides nothing at or before a query's own position, within its sliding `window` if any."""
+    if attention_mask is None:
+        return
+    if attention_mask.dim() == 2:
+        hidden = attention_mask == 0
+    else:
+        visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        n, total = visible.shape[-2:]
+        columns = torch.arange(total, device=visible.device)[None, :]
+        rows = torch.arange(total - n, total, device=visible.device)[:, None]
+        expected = (columns <= rows) & (columns > rows - (window or total))
+        hidden = expected & ~visible
+    if bool(hidden.any()):
+        raise KvsimError("kvsim attention does not read padding masks: run one unpadded sequence at a time (batch size 1)")
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    check_no_padding(attention_mask, sliding_window)
     recorder = _active.get()
     if recorder is None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -107,6 +129,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
 
 AttentionInterface.register(ATTENTION_NAME, _attention)
+# transformers builds no mask at all for an attention function it does not know the mask format of,
+# so padding would pass unseen: ask for SDPA's (None when plain causal), which `check_no_padding` reads.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 @contextmanager

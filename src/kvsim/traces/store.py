@@ -8,12 +8,18 @@ Layout (documented for users in the README):
 
 Every file is written to a temporary name and renamed into place, and the manifest is rewritten
 after each sample, so an interrupted capture leaves a valid, smaller TraceSet that a re-run resumes.
+
+Nothing on disk is trusted. Opening a set checks the manifest's columns and metadata, and that
+every row's `file` is the one name its sample id and mode give (so no row reaches outside the
+folder). A sample's tensors are handed out only after its bytes matched the manifest's sha256, once
+per file per process (`checked_tensors`), so a damaged file is an error, never a silently wrong number.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,25 +32,47 @@ from safetensors.torch import save_file
 from kvsim.errors import KvsimError
 from kvsim.paths import sha256_file, write_atomically
 from kvsim.shape import ModelShape
-from kvsim.traces.tensorfile import TensorFileError, map_tensors, read_header
+from kvsim.traces.tensorfile import ChecksumMismatch, TensorFileError, map_tensors, read_header
 
-# 2: the model's `ModelShape` under meta["model"]["shape"]; format 1 sets (layer and head counts
-# under meta["model"]) still load, their shape derived from those fields.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 2: the model's RoPE frequencies in the metadata (`model.rope`) and, when captured with --kvzip
+# (`kvzip: true`), KVzip's reconstruction scores per layer (`layers.<i>.kvzip`).
+# 3: the model's `ModelShape` under `model.shape`; format 2 sets still load, their shape derived from
+# the model's layer and head counts (every layer full attention, scale 1/sqrt(head_dim), as captured).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.parquet"
 SAMPLES_DIR = "samples"
 METADATA_KEY = "kvsim"
 MODES = ("query-aware", "query-agnostic")
 MODE_TAGS = {"query-aware": "aware", "query-agnostic": "agnostic"}
+# Sample ids become file names: a conservative set that is a plain name on every filesystem.
+SAMPLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Set metadata every command reads, and the model facts inside it.
+REQUIRED_META = {"model": dict, "window": int, "top_k": int, "storage_dtype": str, "workload": dict}
+REQUIRED_MODEL_META = {"id": str, "config_hash": str, "model_type": str, "n_layers": int, "heads": int, "kv_heads": int, "head_dim": int}
 
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise KvsimError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
 
+
+def check_sample_id(sample_id: str) -> None:
+    """Refuse an id that could not be a plain file name (a path, a dot file, odd characters)."""
+    if not isinstance(sample_id, str) or not SAMPLE_ID.fullmatch(sample_id):
+        raise KvsimError(
+            f"sample id {sample_id!r} is not allowed: use up to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def sample_file(sample_id: str, mode: str) -> str:
+    """The file of a (sample, mode), relative to the TraceSet folder: the only name a row may give."""
+    return f"{SAMPLES_DIR}/{sample_id}.{MODE_TAGS[mode]}.safetensors"
+
+
 # Set metadata that must match for a re-run to resume into an existing folder.
-RESUME_KEYS = ("format_version", "model", "storage_dtype", "window", "max_new_tokens", "top_k", "workload")
+RESUME_KEYS = ("format_version", "model", "storage_dtype", "window", "max_new_tokens", "top_k", "kvzip", "workload")
 
 MANIFEST_SCHEMA = {
     "sample_id": pl.String,
@@ -71,13 +99,15 @@ MANIFEST_SCHEMA = {
 @dataclass(frozen=True)
 class LayerTrace:
     """One layer of one sample. Shapes: k, v [kv_heads, total_len, head_dim];
-    q [heads, window + total_len − prompt_len, head_dim]; colsum, colsq [heads, prompt_len] (float32)."""
+    q [heads, window + total_len − prompt_len, head_dim]; colsum, colsq [heads, prompt_len] (float32);
+    kvzip [heads, prompt_len] (float32), KVzip's reconstruction scores, None unless captured with --kvzip."""
 
     k: torch.Tensor
     v: torch.Tensor
     q: torch.Tensor
     colsum: torch.Tensor
     colsq: torch.Tensor
+    kvzip: torch.Tensor | None = None
 
 
 class TraceSample:
@@ -95,19 +125,37 @@ class TraceSample:
 
     @cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
-        try:
-            return map_tensors(self.path)
-        except (OSError, TensorFileError) as err:
-            raise KvsimError(f"{self.path} is unreadable ({err}): run `kvsim traces verify` and re-capture") from err
+        return checked_tensors(self.path, self.row["sha256"])
 
     def layer(self, index: int) -> LayerTrace:
         t = self.tensors
-        prefix = f"layers.{index}."
-        return LayerTrace(*(t[prefix + part] for part in ("k", "v", "q", "colsum", "colsq")))
+        names = [f"layers.{index}.{part}" for part in ("k", "v", "q", "colsum", "colsq")]
+        missing = [name for name in names if name not in t]
+        if missing:
+            raise KvsimError(f"{self.path} has no tensor {missing[0]}: run `kvsim traces verify {self.path.parent.parent}` and re-capture")
+        return LayerTrace(*(t[name] for name in names), t.get(f"layers.{index}.kvzip"))
 
     @property
     def input_ids(self) -> torch.Tensor:
         return self.tensors["input_ids"]
+
+
+# Files whose bytes matched their manifest checksum in this process: (path, size, mtime, sha256).
+_verified: set[tuple[str, int, int, str]] = set()
+
+
+def checked_tensors(path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    """The tensors of a sample file, after its bytes matched `sha256` (hashed once per process)."""
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, sha256)
+        tensors = map_tensors(path, None if key in _verified else sha256)
+    except ChecksumMismatch as err:
+        raise KvsimError(f"{path}: {err}: run `kvsim traces verify {path.parent.parent}` and re-capture") from err
+    except (OSError, TensorFileError) as err:
+        raise KvsimError(f"{path} is unreadable ({err}): run `kvsim traces verify {path.parent.parent}` and re-capture") from err
+    _verified.add(key)
+    return tensors
 
 
 class TraceSet:
@@ -127,12 +175,14 @@ class TraceSet:
         try:
             manifest = pl.read_parquet(manifest_path)
             meta = json.loads(pl.read_parquet_metadata(manifest_path)[METADATA_KEY])
-        except (OSError, KeyError, ValueError, pl.exceptions.PolarsError) as err:
-            raise KvsimError(f"{manifest_path} is damaged or not written by kvsim ({err}): re-capture") from err
-        if meta.get("format_version") not in READABLE_VERSIONS:
-            raise KvsimError(
-                f"{root} uses TraceSet format {meta.get('format_version')}; this kvsim reads {READABLE_VERSIONS}"
-            )
+        except (OSError, KeyError, ValueError, RecursionError, pl.exceptions.PolarsError) as err:
+            raise KvsimError(f"{manifest_path} is damaged or not written by kvsim ({type(err).__name__}): re-capture") from err
+        if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise KvsimError(f"{root} uses TraceSet format {version}; this kvsim reads {READABLE_VERSIONS}")
+        problem = _meta_problem(meta) or _manifest_problem(manifest)
+        if problem:
+            raise KvsimError(f"{manifest_path} is damaged or not written by kvsim ({problem}): re-capture")
         return cls(root, manifest, meta)
 
     @classmethod
@@ -174,20 +224,34 @@ class TraceSet:
 
     @property
     def content_hash(self) -> str:
-        """A short hash of the set's metadata and every sample file's checksum: what a result was computed on."""
+        """A short hash of the set's metadata and every sample file's data: what a result was computed on.
+
+        Each file is checked against its manifest checksum first, so the hash describes the bytes
+        on disk, not only what the manifest claims."""
+        self.check_files()
         digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode())
         for checksum in sorted(self.manifest["sha256"].to_list()):
             digest.update(checksum.encode())
         return digest.hexdigest()[:16]
 
+    def check_files(self, mode: str | None = None) -> None:
+        """Raise KvsimError naming the first sample file (of `mode`) whose bytes differ from the manifest."""
+        for sample in self.samples(mode):
+            checked_tensors(sample.path, sample.row["sha256"])
+
     @cached_property
     def shape(self) -> ModelShape:
-        """The model's shape (derived from the model fields of format 1 sets)."""
+        """The model's shape (derived from the layer and head counts of format 2 sets)."""
         return ModelShape.from_stored(self.meta["model"])
 
     @property
     def n_layers(self) -> int:
         return self.shape.n_layers
+
+    @property
+    def statistics(self) -> frozenset[str]:
+        """The optional statistics captured, named by their capture option (what `Policy.check_traces` checks)."""
+        return frozenset({"kvzip"}) if self.meta.get("kvzip") else frozenset()
 
     def is_complete(self, sample_id: str, mode: str) -> bool:
         """True when the sample is in the manifest and its file still has the recorded checksum."""
@@ -199,7 +263,8 @@ class TraceSet:
 
     def add(self, row: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Write one sample's file atomically, then record it in the manifest (replacing an old row)."""
-        relative = f"{SAMPLES_DIR}/{row['sample_id']}.{MODE_TAGS[row['mode']]}.safetensors"
+        check_sample_id(row["sample_id"])
+        relative = sample_file(row["sample_id"], row["mode"])
         path = self.root / relative
         file_meta = {"kvsim_format": str(FORMAT_VERSION), "sample_id": row["sample_id"], "mode": row["mode"]}
         digest: dict[str, str] = {}
@@ -224,15 +289,22 @@ class TraceSet:
                 problems.append(f"{sample.row['file']}: {problem}")
         return problems
 
+    def leftover_temporary_files(self) -> list[Path]:
+        """Temporary files an interrupted write left behind (harmless; safe to delete)."""
+        return sorted(path for folder in (self.root, self.root / SAMPLES_DIR) for path in folder.glob(".*.tmp"))
+
     def _check(self, sample: TraceSample) -> str | None:
         if not sample.path.is_file():
             return "missing"
         if sha256_file(sample.path) != sample.row["sha256"]:
             return "sha256 differs from the manifest (file edited, truncated or replaced)"
         try:
-            header, _, _ = read_header(sample.path)
+            header, file_meta, _ = read_header(sample.path)
         except TensorFileError as err:
             return str(err)
+        for key in ("sample_id", "mode"):
+            if file_meta.get(key) != sample.row[key]:
+                return f"the file says it holds {key} {file_meta.get(key)!r}, the manifest row says {sample.row[key]!r}"
         for name, shape in expected_shapes(self.meta, sample.row).items():
             if name not in header:
                 return f"tensor {name} is missing"
@@ -243,6 +315,36 @@ class TraceSet:
     def _write_manifest(self) -> None:
         metadata = {METADATA_KEY: json.dumps(self.meta, sort_keys=True)}
         write_atomically(self.root / MANIFEST, lambda tmp: self.manifest.write_parquet(tmp, metadata=metadata))
+
+
+def _meta_problem(meta: dict) -> str | None:
+    for required, where in ((REQUIRED_META, meta), (REQUIRED_MODEL_META, meta.get("model"))):
+        for key, kind in required.items():
+            value = where.get(key) if isinstance(where, dict) else None
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+                return f"metadata {'model.' if where is not meta else ''}{key} is missing or not a valid {kind.__name__}"
+    return None
+
+
+def _manifest_problem(manifest: pl.DataFrame) -> str | None:
+    """What is wrong with the manifest's table: a column, a mode, an id, or a file outside the folder."""
+    for column, dtype in MANIFEST_SCHEMA.items():
+        if column not in manifest.columns:
+            return f"no {column!r} column"
+        if manifest.schema[column] != dtype:
+            return f"column {column!r} is {manifest.schema[column]}, not {dtype}"
+    if manifest.select(pl.col(column).is_null().any() for column in ("sample_id", "mode", "file", "sha256")).row(0) != (False,) * 4:
+        return "a row without sample_id, mode, file or sha256"
+    for sample_id, mode, file in manifest.select("sample_id", "mode", "file").iter_rows():
+        if mode not in MODES:
+            return f"unknown mode {mode[:40]!r}"
+        if not SAMPLE_ID.fullmatch(sample_id):
+            return f"sample id {sample_id[:40]!r} is not a plain name"
+        if file != sample_file(sample_id, mode):
+            return f"row {sample_id} names file {file[:80]!r}, not {sample_file(sample_id, mode)}"
+    if manifest.select("sample_id", "mode").is_duplicated().any():
+        return "a (sample_id, mode) appears twice"
+    return None
 
 
 def expected_shapes(meta: dict, row: dict) -> dict[str, list[int]]:
@@ -263,4 +365,6 @@ def expected_shapes(meta: dict, row: dict) -> dict[str, list[int]]:
         shapes[f"layers.{layer}.q"] = [heads, meta["window"] + continuation, head_dim]
         shapes[f"layers.{layer}.colsum"] = [heads, prompt]
         shapes[f"layers.{layer}.colsq"] = [heads, prompt]
+        if meta.get("kvzip"):
+            shapes[f"layers.{layer}.kvzip"] = [heads, prompt]
     return shapes

@@ -10,6 +10,7 @@ import torch
 
 from kvsim.kernels import causal_attention_column_stats
 from kvsim.shape import ModelShape
+from kvsim.policies.rope import Rotary
 from kvsim.traces.store import TraceSet
 
 
@@ -28,17 +29,24 @@ def synthetic_traceset(
     needle: tuple[int, int] | None = None,
     seed: int = 0,
     mode: str = "query-aware",
+    kvzip: bool = True,
 ) -> TraceSet:
     heads, total = kv_heads * group, prompt_len + continuation
     generator = torch.Generator().manual_seed(seed)
     shape = ModelShape("synthetic", n_layers, heads, kv_heads, head_dim, head_dim**-0.5, (None,) * n_layers)
     meta = {
-        "model": {"id": "synthetic", "shape": shape.to_json()},
+        "model": {
+            "id": "synthetic", "config_hash": "synthetic", "model_type": "synthetic",
+            "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "shape": shape.to_json(),
+            # Llama's default RoPE (theta 10000): synthetic keys are not rotated, but rotating scorers need frequencies.
+            "rope": Rotary(tuple(10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2))).to_meta(),
+        },
         "window": window,
         "top_k": top_k,
         "storage_dtype": "float32",
         "max_new_tokens": continuation,
         "workload": {"spec": "synthetic", "seed": seed},
+        "kvzip": kvzip,
     }
     traceset = TraceSet.create(root, meta)
     for index in range(samples):
@@ -58,6 +66,8 @@ def synthetic_traceset(
             tensors[f"layers.{layer}.q"] = queries[:, prompt_len - window :].contiguous()
             tensors[f"layers.{layer}.colsum"] = stats.colsum[0]
             tensors[f"layers.{layer}.colsq"] = stats.colsq[0]
+            if kvzip:  # random stand-ins for KVzip's reconstruction scores (attention maxima in [0, 1])
+                tensors[f"layers.{layer}.kvzip"] = torch.rand(heads, prompt_len, generator=generator)
         spans = [list(needle)] if needle else []
         row = {
             "sample_id": f"synthetic-{index:04d}",

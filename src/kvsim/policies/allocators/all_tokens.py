@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.policies.allocators.base import Allocator, layer_caps
+from kvsim.policies.allocators.base import Allocator, Protected, layer_caps
 from kvsim.policies.parts import register
 from kvsim.policies.view import CacheView
 
@@ -24,5 +24,7 @@ from kvsim.policies.view import CacheView
 class AllTokens(Allocator):
     name = "all_tokens"
 
-    def allocate(self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int) -> torch.Tensor:
+    def allocate(
+        self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
+    ) -> torch.Tensor:
         return layer_caps(views)

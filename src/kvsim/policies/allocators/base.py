@@ -4,12 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from kvsim.policies.parts import Part
 from kvsim.policies.view import CacheView
+
+
+class Protected(NamedTuple):
+    """The tokens the policy's schedule never evicts: the first `sinks` positions and the last
+    `recent` ones. They count inside every budget; allocators that keep them out of a competition
+    (a pyramid, head shares, a preference) read them here, so they are declared once, on the
+    schedule."""
+
+    sinks: int = 0
+    recent: int = 0
+
+    def reserved(self, per_head: int) -> int:
+        """Tokens of a `per_head` budget that go to protected tokens."""
+        return min(self.sinks + self.recent, per_head)
+
+
+# Sentinel for parameters that moved to the schedule: a spec naming them is refused with the fix.
+MOVED_TO_SCHEDULE = "the protected tokens are the schedule's sinks and recent window: set them there and remove it here"
 
 
 @dataclass(frozen=True)
@@ -18,9 +36,12 @@ class Allocator(Part):
 
     kind: ClassVar[str] = "allocator"
 
-    def allocate(self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int) -> torch.Tensor:
+    def allocate(
+        self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
+    ) -> torch.Tensor:
         """[n_layers, kv_heads] int64 budgets summing exactly to n_layers · kv_heads · per_head,
-        each within [0, that layer's cached length]. `scores` are the scorer's [kv_heads, n] per layer."""
+        each within [0, that layer's cached length]. `scores` are the scorer's [kv_heads, n] per
+        layer; `protected` the schedule's sinks and recent window (`kvsim.policies.compress.allocate`)."""
         raise NotImplementedError
 
 
@@ -84,3 +105,13 @@ def layer_budgets(weights: torch.Tensor, views: Sequence[CacheView], per_head: i
     caps = torch.tensor([view.length for view in views], dtype=torch.int64)
     per_layer = proportional(weights, per_head * len(views), caps, floor)
     return per_layer[:, None].expand(-1, views[0].kv_heads).contiguous()
+
+
+def reserve_then_share(preference: torch.Tensor, views: Sequence[CacheView], per_head: int, reserved: int) -> torch.Tensor:
+    """[n_layers, kv_heads]: every layer keeps its `reserved` protected tokens, and the rest of the
+    total, L · (per_head − reserved), is split in proportion to `preference` [n_layers] (CAKE's
+    B_l = P_l / Σ P · L · (B − w) + w; uniform when no layer has any preference)."""
+    if preference.sum() <= 0:
+        preference = torch.ones_like(preference)
+    weights = preference / preference.sum() * len(views) * (per_head - reserved) + reserved
+    return layer_budgets(weights, views, per_head)

@@ -9,16 +9,17 @@ first query; rows then no longer sum to 1), per layer
     P_l = H_l^(1/tau1) · V_l^(1/tau2)
 
 Layers with spread-out, shifting attention get more cache. As in the reference the pool excludes
-the windows: layer l gets P_l / Σ_k P_k · L · (B − window) + window tokens (window counted inside
-the budget B), apportioned exactly; caps at the layer length are redistributed. Every KV head of
-a layer gets the layer's budget.
+the protected tokens: layer l gets P_l / Σ_k P_k · L · (B − w) + w tokens, w = the schedule's sinks
++ recent window (counted inside the budget B; the reference reserves its observation window, which
+the CAKE preset protects as its recent window), apportioned exactly; caps at the layer length are
+redistributed. Every KV head of a layer gets the layer's budget.
 
 This is CAKE's non-cascading mode: the preference of every layer is known before any layer is
 allocated (the paper's memory-bounded cascading mode re-splits the pool layer by layer during
 prefill; with all layers' scores at hand both end at these budgets up to the reference's rounding).
 
 Parameters:
-    window (32): window queries used, and tokens of each budget reserved for the recent window.
+    window (32): window queries whose attention gives the preference.
     tau1, tau2 (1.0, 1.0): temperatures of the two terms. The reference tunes them per model and
         budget (model2tau.json, e.g. Llama-3.1-8B at B = 1024: 1.6, 0.4) and falls back to 1.0.
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.policies.allocators.base import Allocator, layer_budgets
+from kvsim.policies.allocators.base import Allocator, Protected, reserve_then_share
 from kvsim.policies.parts import check, register
 from kvsim.policies.scorers.cake_indicator import prefix_length
 from kvsim.policies.view import CacheView
@@ -59,13 +60,11 @@ class CakePreference(Allocator):
             tau2=trial.suggest_float(f"{prefix}tau2", 0.2, 5.0, log=True),
         )
 
-    def allocate(self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int) -> torch.Tensor:
+    def allocate(
+        self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
+    ) -> torch.Tensor:
         preference = torch.stack([self.preference(view) for view in views])
-        window = min(self.window, per_head)
-        if preference.sum() <= 0:  # no prefix anywhere: nothing to prefer
-            preference = torch.ones_like(preference)
-        weights = preference / preference.sum() * len(views) * (per_head - window) + window
-        return layer_budgets(weights, views, per_head)
+        return reserve_then_share(preference, views, per_head, protected.reserved(per_head))
 
     def preference(self, view: CacheView) -> torch.Tensor:
         """Scalar float64 P_l of one layer."""

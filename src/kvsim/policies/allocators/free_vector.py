@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsim.errors import KvsimError
-from kvsim.policies.allocators.base import Allocator, layer_budgets
+from kvsim.policies.allocators.base import Allocator, Protected, layer_budgets
 from kvsim.policies.parts import check, register
 from kvsim.policies.view import CacheView
 
@@ -57,7 +57,9 @@ class FreeVector(Allocator):
     def suggest_for(cls, trial, prefix: str, n_layers: int) -> FreeVector:
         return cls(weights=tuple(trial.suggest_float(f"{prefix}layer{layer}", 0.1, 10.0, log=True) for layer in range(n_layers)))
 
-    def allocate(self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int) -> torch.Tensor:
+    def allocate(
+        self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
+    ) -> torch.Tensor:
         if len(views) != self.n_layers:
             raise KvsimError(
                 f"allocator 'free_vector' has {self.n_layers} weights but the cache has {len(views)} layers: "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.policies.allocators.base import Allocator, layer_budgets
+from kvsim.policies.allocators.base import Allocator, Protected, layer_budgets
 from kvsim.policies.parts import register
 from kvsim.policies.view import CacheView
 
@@ -37,7 +37,9 @@ from kvsim.policies.view import CacheView
 class PrefixMass(Allocator):
     name = "prefix_mass"
 
-    def allocate(self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int) -> torch.Tensor:
+    def allocate(
+        self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
+    ) -> torch.Tensor:
         curves = [mass_curve(layer_scores) for layer_scores in scores]
         thresholds = torch.cat(curves).unique()  # sorted ascending
         keeps = torch.stack([(torch.searchsorted(curve, thresholds) + 1).clamp(max=len(curve)) for curve in curves])  # [L, thresholds]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.policies.allocators.base import Allocator, apportion, layer_caps
+from kvsim.policies.allocators.base import Allocator, Protected, apportion, layer_caps
 from kvsim.policies.parts import register
 from kvsim.policies.view import CacheView
 
@@ -18,6 +18,8 @@ from kvsim.policies.view import CacheView
 class Uniform(Allocator):
     name = "uniform"
 
-    def allocate(self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int) -> torch.Tensor:
+    def allocate(
+        self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
+    ) -> torch.Tensor:
         caps = layer_caps(views)
         return apportion(torch.ones(caps.shape), per_head * caps.numel(), caps)

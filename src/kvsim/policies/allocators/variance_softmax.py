@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.policies.allocators.base import Allocator, layer_budgets
+from kvsim.policies.allocators.base import Allocator, Protected, layer_budgets
 from kvsim.policies.parts import register
 from kvsim.policies.scorers.accumulated_attention import accumulated
 from kvsim.policies.view import CacheView
@@ -40,7 +40,9 @@ MIN_FRACTION = 0.01  # D2O's lower clamp on r_l
 class VarianceSoftmax(Allocator):
     name = "variance_softmax"
 
-    def allocate(self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int) -> torch.Tensor:
+    def allocate(
+        self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
+    ) -> torch.Tensor:
         sigma = torch.stack([head_dispersion(view) for view in views])
         floor = min(max(1, math.ceil(MIN_FRACTION * min(v.length for v in views))), per_head)
         return layer_budgets(torch.softmax(-sigma, 0), views, per_head, floor=floor)

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from kvsim.policies.parts import Part, check
 from kvsim.policies.view import CacheView
 
-POOLS = ("avg", "max", "none")
+POOLS = ("avg", "max", "none", "chunk")
+# ChunkKV chunk lengths the search tries (its reference default is 10; kvpress defaults to 20).
+CHUNKS = (4, 10, 20, 32)
 GQA_REDUCTIONS = ("mean", "max")
 
 
@@ -25,13 +27,20 @@ class Scorer(Part):
         """[kv_heads, n] float32 scores for the tokens of `view`."""
         raise NotImplementedError
 
+    def requirements(self) -> frozenset[str]:
+        """Optional statistics the traces must hold for this scorer (names of capture options)."""
+        return frozenset()
+
 
 def pool_scores(scores: torch.Tensor, how: str, kernel: int) -> torch.Tensor:
     """Smooth scores along positions so a heavy hitter's neighbours are kept with it.
 
     Matches the reference codes: avg pooling counts the zero padding (`count_include_pad`), max
-    pooling pads with -inf; both keep the length (odd kernel, stride 1).
+    pooling pads with -inf; both keep the length (odd kernel, stride 1). "chunk" is ChunkKV's
+    selection unit (`chunk_scores`): `kernel` is the chunk length.
     """
+    if how == "chunk":
+        return chunk_scores(scores, kernel)
     if how == "none" or kernel <= 1:
         return scores
     flat = scores.reshape(-1, 1, scores.shape[-1])
@@ -42,15 +51,58 @@ def pool_scores(scores: torch.Tensor, how: str, kernel: int) -> torch.Tensor:
     return pooled.reshape(scores.shape)
 
 
-def check_pooling(part: Part, pool: str, kernel: int, gqa: str) -> None:
+def chunk_scores(scores: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[rows, n] -> [rows, n]: every token gets its chunk's score, the same in every row (head).
+
+    ChunkKV (Liu et al., 2025, arXiv 2502.00299; kvpress ChunkKVPress): the prefix is cut into
+    chunks of `chunk` tokens (the last one may be shorter), a chunk's score is the mean of its
+    tokens' scores summed over heads, and whole chunks are kept, the same ones in every head, so
+    the kept text stays contiguous. Here the chunk score is given to each of its tokens; the
+    selection then takes whole chunks in score order, and ties inside the chunk the budget cuts
+    go to its earlier tokens (kvpress instead keeps ⌊chunks · (1 − ratio)⌋ whole chunks, so the
+    two differ by less than one chunk per head).
+    """
+    n = scores.shape[-1]
+    starts = torch.arange(0, n, chunk)
+    sums = torch.zeros(starts.numel()).index_add_(0, torch.arange(n) // chunk, scores.float().sum(0))
+    sizes = torch.diff(torch.cat([starts, torch.tensor([n])]))
+    means = sums / sizes
+    return means.repeat_interleave(sizes)[None, :].expand(scores.shape[0], -1).contiguous()
+
+
+def check_pool(part: Part, pool: str, kernel: int) -> None:
     check(pool in POOLS, part, f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    check(kernel >= 1 and kernel % 2 == 1, part, f"kernel must be an odd number >= 1, got {kernel}")
+    if pool == "chunk":
+        check(kernel >= 1, part, f"kernel (the chunk length) must be >= 1, got {kernel}")
+    else:
+        check(kernel >= 1 and kernel % 2 == 1, part, f"kernel must be an odd number >= 1, got {kernel}")
+
+
+def check_pooling(part: Part, pool: str, kernel: int, gqa: str) -> None:
+    check_pool(part, pool, kernel)
     check(gqa in GQA_REDUCTIONS, part, f"gqa must be one of {', '.join(GQA_REDUCTIONS)}, got {gqa!r}")
 
 
+def suggest_pool(trial, prefix: str) -> dict:
+    """pool and kernel; a chunk length is a separate parameter, as its range differs from a kernel's."""
+    pool = trial.suggest_categorical(f"{prefix}pool", list(POOLS))
+    if pool == "chunk":
+        return {"pool": pool, "kernel": trial.suggest_categorical(f"{prefix}chunk", list(CHUNKS))}
+    return {"pool": pool, "kernel": trial.suggest_categorical(f"{prefix}kernel", [1, 3, 5, 7, 9])}
+
+
 def suggest_pooling(trial, prefix: str) -> dict:
-    return {
-        "pool": trial.suggest_categorical(f"{prefix}pool", list(POOLS)),
-        "kernel": trial.suggest_categorical(f"{prefix}kernel", [1, 3, 5, 7, 9]),
-        "gqa": trial.suggest_categorical(f"{prefix}gqa", list(GQA_REDUCTIONS)),
-    }
+    return {**suggest_pool(trial, prefix), "gqa": trial.suggest_categorical(f"{prefix}gqa", list(GQA_REDUCTIONS))}
+
+
+def protect_sinks(scores: torch.Tensor, positions: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Scores with the first `sinks` positions raised above every other score.
+
+    kvpress's ExpectedAttention, LagKV and KVzip keep their sink tokens this way, inside the score,
+    so allocators that share budget across heads or layers count them where the press does (a
+    schedule's `sinks` protects them only inside each head's budget).
+    """
+    if sinks == 0 or scores.numel() == 0:
+        return scores
+    top = scores[torch.isfinite(scores)].max() if torch.isfinite(scores).any() else scores.new_tensor(0.0)
+    return scores.masked_fill((positions < sinks)[None, :], float(top) + 1.0)

@@ -17,6 +17,9 @@ The reference casts probabilities to fp16/bf16 before the variance, which flushe
 variances to zero on long prompts; this runs in float32, so low-scoring tokens may order slightly
 differently.
 
+While decoding (every-step schedule, as the reference's `cake` runs), the indicator is the newest
+query's attention alone, pooled and group-averaged the same way, with the window's keys protected.
+
 Parameters: window (32), gamma (200.0), kernel (5, odd; avg pooling).
 Returns [kv_heads, n] float32.
 """
@@ -54,8 +57,13 @@ class CakeIndicator(Scorer):
         )
 
     def score(self, view: CacheView) -> torch.Tensor:
-        attention = view.window(self.window)  # [heads, window, n]
-        indicator = attention.mean(1) + self.gamma * attention.var(1)  # unbiased, as torch.var
+        if view.decoding:
+            # While decoding the reference (`CakeDecodingKVCache_LayerWise`) scores by the newest
+            # query's attention alone: one row, so no variance term.
+            indicator = view.window(1)[:, 0]
+        else:
+            attention = view.window(self.window)  # [heads, window, n]
+            indicator = attention.mean(1) + self.gamma * attention.var(1)  # unbiased, as torch.var
         prefix = prefix_length(view, self.window)
         if prefix > 0:
             indicator = torch.cat([pool_scores(indicator[:, :prefix], "avg", self.kernel), indicator[:, prefix:]], dim=-1)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsim.errors import KvsimError
+from kvsim.traces.store import check_sample_id
 from kvsim.traces.workloads.sample import SCORINGS, Sample, Segment, read_user_text, sample_id
 
 TASK = "jsonl"
@@ -44,6 +45,8 @@ def _parse_row(line: str, *, default_id: str, where: str) -> Sample:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise KvsimError(f"{where}: not valid JSON ({exc.msg}): write one JSON object per line") from None
+    except RecursionError:
+        raise KvsimError(f"{where}: nested too deeply to read: write one flat JSON object per line") from None
     if not isinstance(row, dict):
         raise KvsimError(f"{where}: expected a JSON object, got {type(row).__name__}: write one object per line")
     if "prompt" in row and ("context" in row or "question" in row):
@@ -63,6 +66,10 @@ def _parse_row(line: str, *, default_id: str, where: str) -> Sample:
     row_id = row.get("id", default_id)
     if not isinstance(row_id, (str, int)) or isinstance(row_id, bool) or row_id == "":
         raise KvsimError(f"{where}: 'id' must be a non-empty string or an integer")
+    try:
+        check_sample_id(str(row_id))  # ids name the sample files: never a path
+    except KvsimError as err:
+        raise KvsimError(f"{where}: {err}") from None
     return Sample(
         sample_id=str(row_id),
         task=TASK,

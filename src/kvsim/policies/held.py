@@ -1,0 +1,350 @@
+"""What one layer's cache holds under a policy, and how it evicts while decoding.
+
+`HeldLayer` is the one decode-time engine: the simulator's stepwise replay and the live cache both
+run it, so a policy makes the same decisions in both places by construction, not by a second copy
+kept in step. It owns the eviction state beside the tensors it describes (held positions, the
+attention each held token has accumulated, the observation window of recent queries, the step
+counter), attends new queries over what it holds, and on the schedule's steps builds the policy's
+view (`view`), scores, selects and shrinks.
+
+Layout: ragged per KV head. Heads may keep different numbers of tokens (per-head budgets), so the
+tokens of all heads sit in one flat `[N, head_dim]` tensor, head after head, each head's tokens in
+position order, with `counts[h]` tokens for head h. Nothing is padded: a per-head allocation holds
+exactly the bytes its budget says. Low-precision tokens (quantize retention) sit beside them as
+packed codes in the same ragged way. Keys keep the RoPE rotation of their true position.
+
+Bytes: `kv_bytes` is defined once here, as this layout holds them, at the serving dtype
+(`KV_ELEMENT_BYTES`, fp16/bf16), whatever dtype the tensors have while measuring (float32 on a CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvsim.policies.compress import select
+from kvsim.policies.lowbit import PackedTokens, packed_dim
+from kvsim.policies.policy import Policy
+from kvsim.policies.rope import Rotary
+from kvsim.policies.view import CacheView
+
+# Caches are served in fp16/bf16: every byte count is at 2 bytes per element, whatever dtype the
+# tensors have while a policy is measured (float32 traces, a float32 model on a CPU).
+KV_ELEMENT_BYTES = 2
+
+
+def token_bytes(head_dim: int, bits: int | None = None) -> int:
+    """Bytes one token costs one KV head (key and value): full precision, or `bits`-bit packed codes
+    plus a scale and a zero point per token (see `kvsim.policies.lowbit`)."""
+    if bits is None:
+        return 2 * head_dim * KV_ELEMENT_BYTES
+    return 2 * (packed_dim(head_dim, bits) + 2 * KV_ELEMENT_BYTES)
+
+
+def kv_bytes(full_tokens: int, low_tokens: int, head_dim: int, bits: int | None) -> int:
+    """Bytes a layer holds for `full_tokens` full-precision and `low_tokens` low-precision tokens
+    (summed over KV heads). The ragged layout adds nothing, so this is exact."""
+    return full_tokens * token_bytes(head_dim) + (low_tokens * token_bytes(head_dim, bits) if low_tokens else 0)
+
+
+def handed_to_retention(policy: Policy, view: CacheView, kept: torch.Tensor, budgets: torch.Tensor | None) -> torch.Tensor:
+    """[kv, n] bool: the tokens of `view` not `kept` at full precision that the retention receives.
+
+    Every evicted token, unless the retention spends part of each head's budget on low precision
+    (`budgets` [kv] the heads' budgets, `kept` the full-precision tokens): then the next-best tokens
+    by the policy's own selection rule (sinks, recent window, scores), as many as the bytes left
+    buy (`Retention.low_budgets`). The simulator and the live cache both ask here.
+    """
+    evicted = ~kept if view.present is None else view.present & ~kept
+    retention, head_dim = policy.retention, view.keys.shape[-1]
+    full = kept.sum(1)
+    low = None if budgets is None else retention.low_budgets(budgets, full, token_bytes(head_dim), token_bytes(head_dim, retention.bits()))
+    if low is None:
+        return evicted
+    if not bool(low.any()):
+        return torch.zeros_like(kept)
+    readable = select(policy, view, policy.scorer.score(view), (full + low).clamp(max=view.length))
+    return readable & evicted
+
+
+@dataclass
+class Segments:
+    """Per-KV-head token lists in one flat tensor: head 0's rows, then head 1's, ... .
+
+    keys, values: [N, d] tensors, or PackedTokens for low-precision tokens; positions: [N] int64;
+    counts: tokens per head (a Python list: it drives splits on every step).
+    """
+
+    keys: torch.Tensor | PackedTokens
+    values: torch.Tensor | PackedTokens
+    positions: torch.Tensor
+    counts: list[int]
+
+    @classmethod
+    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> Segments:
+        """The tokens of `mask` [kv, n] from [kv, n, d] tensors with [n] positions, head by head."""
+        return cls(keys[mask], values[mask], positions.expand_as(mask)[mask], mask.sum(1).tolist())
+
+    def per_head(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(tensor, self.counts)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.counts)) == 1
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.counts)
+
+
+def interleave(old: torch.Tensor, counts: list[int], new: torch.Tensor) -> torch.Tensor:
+    """Append new [kv, n, ...] rows at the end of each head's segment of flat `old` [N, ...]."""
+    pieces = []
+    for head, segment in enumerate(torch.split(old, counts)):
+        pieces += [segment, new[head]]
+    return torch.cat(pieces)
+
+
+@dataclass
+class HeldLayer:
+    """One layer's cache after the prompt's decision: what it holds and its eviction state.
+
+    budgets: [kv_heads] tokens per head the schedule brings each head back to, or None when the
+    layer never evicts (a prefill-once schedule, or a prompt too short to compress).
+    colsum: [N, group] attention each held full-precision token has received from every query so
+    far, per query head of its group (kept for every-step and lagged schedules only).
+    window_queries: [heads, w, d] float32, the most recent queries (the observation window).
+    """
+
+    layer: int
+    n_layers: int
+    policy: Policy
+    budgets: torch.Tensor | None
+    scaling: float
+    full: Segments
+    low: Segments | None
+    colsum: torch.Tensor | None
+    window_queries: torch.Tensor
+    seen: int
+    rope: Rotary | None = None  # the model's RoPE, for scorers that rotate queries
+    rows_since_decision: int = field(default=0)
+
+    @classmethod
+    def after_prefill(
+        cls, policy: Policy, view: CacheView, keep: torch.Tensor, budgets: torch.Tensor | None, window: int, dtype: torch.dtype
+    ) -> HeldLayer:
+        """The layer once `keep` [kv, n] of the prefill view's tokens are kept at full precision out of
+        `budgets` [kv] (the rest go to the retention, `handed_to_retention`)."""
+        layer = cls(
+            layer=view.layer,
+            n_layers=view.n_layers,
+            policy=policy,
+            budgets=policy.retention.full_budgets(budgets) if policy.schedule.interval is not None and budgets is not None else None,
+            scaling=view.scaling,
+            full=Segments.from_mask(view.keys[:, :0], view.values[:, :0], view.positions[:0], keep[:, :0]),
+            low=None,
+            colsum=None,
+            window_queries=view.queries[:, view.queries.shape[1] - window :].float(),
+            seen=int(view.positions[-1]) + 1,
+            rope=view.rope,
+        )
+        layer.shrink(view, keep, handed_to_retention(policy, view, keep, budgets), dtype)
+        return layer
+
+    # --- reading --------------------------------------------------------------------------------
+
+    @property
+    def kv_heads(self) -> int:
+        return len(self.full.counts)
+
+    @property
+    def stepwise(self) -> bool:
+        return self.budgets is not None
+
+    def readable(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per KV head: keys, values [c_h, d] and positions [c_h], full precision first, then low precision."""
+        keys, values, positions = self.full.per_head(self.full.keys), self.full.per_head(self.full.values), self.full.per_head(self.full.positions)
+        if self.low is None:
+            return list(keys), list(values), list(positions)
+        low_keys = self.low.per_head(self.low.keys.unpack().to(self.full.keys.dtype))
+        low_values = self.low.per_head(self.low.values.unpack().to(self.full.keys.dtype))
+        low_positions = self.low.per_head(self.low.positions)
+        return (
+            [torch.cat(pair) for pair in zip(keys, low_keys)],
+            [torch.cat(pair) for pair in zip(values, low_values)],
+            [torch.cat(pair) for pair in zip(positions, low_positions)],
+        )
+
+    def readable_positions(self) -> list[torch.Tensor]:
+        return self.readable()[2] if self.low is not None else list(self.full.per_head(self.full.positions))
+
+    def kept_positions(self) -> list[torch.Tensor]:
+        """Per KV head, the positions held at full precision (in order)."""
+        return list(self.full.per_head(self.full.positions))
+
+    def held_tokens(self) -> tuple[int, int]:
+        """(full-precision, low-precision) tokens over all KV heads."""
+        return self.full.tokens, 0 if self.low is None else self.low.tokens
+
+    def held_bytes(self) -> int:
+        """Bytes of keys and values this layer really holds, counted at the serving dtype."""
+        full = (self.full.keys.numel() + self.full.values.numel()) * KV_ELEMENT_BYTES
+        if self.low is None:
+            return full
+        return full + sum(packed.serving_nbytes(KV_ELEMENT_BYTES) for packed in (self.low.keys, self.low.values))
+
+    # --- decoding -------------------------------------------------------------------------------
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add the newest n tokens' keys and values [kv, n, d] to every head, at their true positions."""
+        n = keys.shape[1]
+        positions = torch.arange(self.seen, self.seen + n, device=keys.device).expand(self.kv_heads, n)
+        counts = self.full.counts
+        self.full = Segments(
+            interleave(self.full.keys, counts, keys.to(self.full.keys.dtype)),
+            interleave(self.full.values, counts, values.to(self.full.values.dtype)),
+            interleave(self.full.positions, counts, positions),
+            [count + n for count in counts],
+        )
+        if self.colsum is not None:
+            self.colsum = interleave(self.colsum, counts, self.colsum.new_zeros(self.kv_heads, n, self.colsum.shape[1]))
+        self.seen += n
+
+    def attend(self, queries: torch.Tensor) -> torch.Tensor:
+        """[heads, n, d] attention output of the newest n tokens' queries (already appended) over what
+        the layer holds; every-step and lagged schedules then observe it and evict on their steps."""
+        heads, n, head_dim = queries.shape
+        query_positions = torch.arange(self.seen - n, self.seen, device=queries.device)
+        keys, values, positions = self.readable()
+        grouped = queries.reshape(self.kv_heads, heads // self.kv_heads, n, head_dim)
+        if len({k.shape[0] for k in keys}) == 1:  # equal counts: one batched call over all heads
+            output, probs = attend_heads(grouped, torch.stack(keys), torch.stack(values), torch.stack(positions), query_positions, self.scaling, self.stepwise)
+            probs = None if probs is None else list(probs)
+        else:
+            results = [
+                attend_heads(grouped[h : h + 1], keys[h][None], values[h][None], positions[h][None], query_positions, self.scaling, self.stepwise)
+                for h in range(self.kv_heads)
+            ]
+            output = torch.cat([out for out, _ in results])
+            probs = None if not self.stepwise else [p[0] for _, p in results]
+        if probs is not None:
+            self.observe(queries, probs)
+        return output.reshape(heads, n, head_dim)
+
+    def observe(self, queries: torch.Tensor, probs: list[torch.Tensor]) -> None:
+        """Accumulate the new rows' attention ([group, n, c_h] per head), slide the query window, and
+        evict on the schedule's steps."""
+        held = [p[..., :count].sum(1).T for p, count in zip(probs, self.full.counts)]  # [c_h, group] each
+        self.colsum = self.colsum + torch.cat(held)
+        window = self.window_queries.shape[1]
+        self.window_queries = torch.cat([self.window_queries, queries.float()], dim=1)[:, -window:]
+        before = self.rows_since_decision
+        self.rows_since_decision += queries.shape[1]
+        interval = self.policy.schedule.interval
+        if self.rows_since_decision // interval > before // interval:
+            self.evict()
+
+    def evict(self) -> None:
+        """Bring every head back to its budget, by the policy's own scorer and selection rule."""
+        view = self.view()
+        kept = select(self.policy, view, self.policy.scorer.score(view), self.budgets)
+        self.shrink(view, kept, handed_to_retention(self.policy, view, kept, self.budgets), self.full.keys.dtype)
+
+    def view(self) -> CacheView:
+        """What the policy sees at a decode step: every position some head holds at full precision
+        (the union, in order; `present` says which head holds which), the query window, and the
+        accumulated attention. The one rescoring view: scorers that pool along positions pool over
+        the held tokens, in both the simulator and the live cache."""
+        kv_heads, group = self.kv_heads, self.colsum.shape[1]
+        head = torch.repeat_interleave(torch.arange(kv_heads), torch.tensor(self.full.counts))
+        position = self.full.positions
+        in_union = torch.zeros(self.seen, dtype=torch.bool)
+        in_union[position] = True
+        union = in_union.nonzero().flatten()
+        at = (torch.cumsum(in_union, 0) - 1)[position]
+        head_dim = self.full.keys.shape[-1]
+        keys = torch.zeros(kv_heads, union.numel(), head_dim)
+        values = torch.zeros_like(keys)
+        keys[head, at] = self.full.keys.float()
+        values[head, at] = self.full.values.float()
+        present = torch.zeros(kv_heads, union.numel(), dtype=torch.bool)
+        present[head, at] = True
+        colsum = torch.zeros(kv_heads, union.numel(), group)
+        colsum[head, at] = self.colsum
+        window = self.window_queries.shape[1]
+        return CacheView(
+            layer=self.layer,
+            n_layers=self.n_layers,
+            keys=keys,
+            values=values,
+            positions=union,
+            queries=self.window_queries,
+            query_positions=torch.arange(self.seen - window, self.seen),
+            scaling=self.scaling,
+            colsum=colsum.permute(0, 2, 1).reshape(kv_heads * group, -1),
+            present=present,
+            decoding=True,
+            rope=self.rope,
+        )
+
+    def shrink(self, view: CacheView, kept: torch.Tensor, evicted: torch.Tensor, dtype: torch.dtype) -> None:
+        """Hold `kept` [kv, n] of `view`'s tokens at full precision and hand `evicted` to the retention."""
+        retention = self.policy.retention
+        retained = retention.retain(view.keys.float(), view.values.float(), kept, evicted)
+        self.full = Segments.from_mask(retained.keys.to(dtype), retained.values.to(dtype), view.positions, kept)
+        if self.stepwise:
+            group = view.heads // view.kv_heads
+            colsum = view.colsum.reshape(view.kv_heads, group, -1).permute(0, 2, 1)
+            self.colsum = colsum[kept].float()
+            self.window_queries = view.queries[:, view.queries.shape[1] - self.window_queries.shape[1] :].float()
+        low = retained.low_precision
+        if bool(low.any()):
+            self._keep_low_precision(view, low, retention.bits(), dtype)
+
+    def _keep_low_precision(self, view: CacheView, low: torch.Tensor, bits: int, dtype: torch.dtype) -> None:
+        keys = PackedTokens.pack(view.keys.float()[low].to(dtype), bits)
+        values = PackedTokens.pack(view.values.float()[low].to(dtype), bits)
+        positions = view.positions.expand_as(low)[low]
+        counts = low.sum(1).tolist()
+        if self.low is None:
+            self.low = Segments(keys, values, positions, counts)
+            return
+        old = self.low
+        self.low = Segments(
+            PackedTokens.interleave(old.keys, old.counts, keys, counts),
+            PackedTokens.interleave(old.values, old.counts, values, counts),
+            torch.cat([p for pair in zip(old.per_head(old.positions), torch.split(positions, counts)) for p in pair]),
+            [a + b for a, b in zip(old.counts, counts)],
+        )
+
+
+def attend_heads(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    with_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of queries [kv, group, n, d] over keys, values [kv, c, d] at positions [kv, c]:
+    (output [kv, group, n, d], probs [kv, group, n, c] float32 when asked for, else None).
+
+    Causal by absolute position, so tokens fed together see only the earlier ones. With probs the
+    arithmetic is float32 (the probabilities feed eviction decisions); without, it is SDPA.
+    """
+    kv_heads, group, n, head_dim = queries.shape
+    visible = positions[:, None, :] <= query_positions[None, :, None]  # [kv, n, c]
+    if not with_probs:
+        mask = None if n == 1 else visible.repeat_interleave(group, dim=0)[None]
+        output = F.scaled_dot_product_attention(
+            queries.reshape(1, kv_heads * group, n, head_dim), keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True
+        )
+        return output.reshape(kv_heads, group, n, head_dim), None
+    logits = torch.matmul(queries.float().reshape(kv_heads, group * n, head_dim), keys.float().transpose(-1, -2))
+    logits = (logits * scaling).reshape(kv_heads, group, n, -1)
+    probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    output = torch.matmul(probs.reshape(kv_heads, group * n, -1), values.float()).reshape(kv_heads, group, n, head_dim)
+    return output.to(queries.dtype), probs
