@@ -32,7 +32,7 @@ $(KVPRESS_VENV)/.kvsim-setup: pyproject.toml
 # The main job on the embedded default: capture the default workload with the bundled model,
 # search policies (the proxy simulator prunes, the real model ranks survivors by the answer's
 # log-likelihood), re-rank the best on validation samples, run the winner beside strong presets
-# live on test samples, and export it (with its kvpress press where one exists). Budget 0.3,
+# live on test samples, and export it (with its kvpress press where one exists). Budget 0.2,
 # query-aware: where the best preset keeps part, not all, of the full cache's answer likelihood on
 # this model (bench/results/budget_signal.md). Re-running resumes: capture skips what exists and
 # the search adds trials to the same study.
@@ -40,8 +40,8 @@ DEMO ?= runs/demo
 KVSIM := $(VENV)/bin/kvsim
 demo: setup
 	$(KVSIM) capture --samples 10 --mode query-aware --out $(DEMO)/traces
-	$(KVSIM) search --traces $(DEMO)/traces --budget 0.3 --trials 120 --workers 2 --study demo --out $(DEMO)
-	$(KVSIM) validate --run $(DEMO) --top 1 --policy full,tova,snapkv,adakv,expected_attention
+	$(KVSIM) search --traces $(DEMO)/traces --budget 0.2 --trials 120 --workers 2 --study demo --out $(DEMO)
+	$(KVSIM) validate --run $(DEMO) --top 1 --policy full,keydiff,tova,snapkv,cake_prefill
 	$(KVSIM) export --run $(DEMO) --kvpress --out $(DEMO)/winner.json
 
 test: setup

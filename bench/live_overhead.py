@@ -11,8 +11,8 @@ prefill-once presets (1.3× for per-head budgets, adakv and razor, whose heads h
 counts), while holding the budgeted bytes (per-head budgets at most 1.02× snapkv's); and a prefill
 peak at most 1.1× the plain cache's. Bytes held are counted at the serving dtype (fp16/bf16, as
 `kv_bytes` everywhere in kvsim); the prefill peak is measured in real bytes at the model's dtype
-(`--dtype`): the cache's keys and values plus what it keeps for the decision, at the moment
-before the decision, when it is largest.
+(float32 here; a bfloat16 copy of the model is measured too): the cache's keys and values plus
+what it keeps for the decision, at the moment before the decision, when it is largest.
 
 Run: `.venv/bin/python bench/live_overhead.py` (about 4 min on 2 cores); results go to bench/results/.
 """
@@ -20,6 +20,7 @@ Run: `.venv/bin/python bench/live_overhead.py` (about 4 min on 2 cores); results
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -54,23 +55,47 @@ def prompt_ids(loaded, context_tokens: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_time(model, ids: torch.Tensor, cache, steps: int) -> tuple[float, object]:
-    """Median seconds per decode step after the prefill (which also makes the policy's decision)."""
+def decode_time(model, ids: torch.Tensor, cache, steps: int) -> tuple[float, object, int]:
+    """(median seconds per decode step after the prefill, the cache, real bytes at the prefill's peak)."""
     token = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    peak = prefill_peak(cache)
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - started)
-    return statistics.median(times), cache
+    return statistics.median(times), cache, peak
 
 
-def held(cache) -> tuple[int, int]:
-    """(KV bytes held after the decode steps at the serving dtype, real bytes at the prefill's peak)."""
+def prefill_peak(cache) -> int:
+    """Real bytes the cache holds at its largest during the prefill: a plain cache's keys and values
+    once the prompt is in; a policy cache's keys, values and decision inputs right before deciding."""
     if isinstance(cache, PolicyCache):
-        return cache.held_bytes(), cache.peak_prefill_bytes
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    return sum(t.numel() for t in tensors) * KV_ELEMENT_BYTES, sum(t.numel() * t.element_size() for t in tensors)
+        return cache.peak_prefill_bytes
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def held_bytes(cache) -> int:
+    """KV bytes held after the decode steps, at the serving dtype."""
+    if isinstance(cache, PolicyCache):
+        return cache.held_bytes()
+    return sum(t.numel() for layer in cache.layers for t in (layer.keys, layer.values)) * KV_ELEMENT_BYTES
+
+
+@torch.inference_mode()
+def bf16_prefill_peaks(model, ids: torch.Tensor, names: list[str], budget: Budget) -> dict[str, float]:
+    """Prefill peak of a bf16 copy of the model (a serving dtype, where float32 copies would cost
+    most), relative to a plain DynamicCache's."""
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    plain = DynamicCache(config=model.config)
+    model(ids, past_key_values=plain, logits_to_keep=1)
+    peaks = {}
+    for name in names:
+        cache = PolicyCache.for_model(PRESETS[name], budget, model)
+        model(ids, past_key_values=cache, logits_to_keep=1)
+        peaks[name] = prefill_peak(cache) / prefill_peak(plain)
+    return peaks
 
 
 def main() -> None:
@@ -80,16 +105,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steady on a shared CPU)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype while measuring")
+    parser.add_argument("--presets", default="all", help="comma-separated presets to time (default: every preset)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()
     console = Console()
     loaded = load_model(DEFAULT_MODEL)
-    model = loaded.model.to(getattr(torch, args.dtype))
+    model = loaded.model
     ids = prompt_ids(loaded, args.context_tokens)
     budget = Budget(args.budget)
-    configs = {PLAIN: None, **{name: policy for name, policy in PRESETS.items()}}
+    chosen = [name for name, preset in PRESETS.items() if not preset.requirements()] if args.presets == "all" else args.presets.split(",")
+    configs = {PLAIN: None, **{name: PRESETS[name] for name in dict.fromkeys(["snapkv", *chosen])}}
     times: dict[str, list[float]] = {name: [] for name in configs}
     memory: dict[str, tuple[int, int]] = {}
     for repeat in range(args.repeats):
@@ -99,11 +125,11 @@ def main() -> None:
                 cache = DynamicCache(config=model.config)
             else:
                 cache = PolicyCache.for_model(policy, budget, model)
-            seconds, cache = decode_time(model, ids, cache, args.steps)
-            # Decode steps add the same tokens to every configuration; the prefill's peak is what differs.
+            seconds, cache, peak = decode_time(model, ids, cache, args.steps)
             times[name].append(seconds)
-            memory[name] = held(cache)
+            memory[name] = (held_bytes(cache), peak)
             console.print(f"repeat {repeat + 1}/{args.repeats} {name}: {1000 * seconds:.1f} ms/token", highlight=False)
+    bf16_peaks = bf16_prefill_peaks(model, ids, ["snapkv", "adakv", "cake_prefill"], budget)
     baseline = statistics.median(times[PLAIN])
     rows = []
     for name, policy in configs.items():
@@ -138,7 +164,7 @@ def main() -> None:
         "steps": args.steps,
         "repeats": args.repeats,
         "threads": args.threads,
-        "dtype": args.dtype,
+        "bf16_prefill_peak_vs_plain": bf16_peaks,
         "rows": rows,
         "machine": machine_info(load_at_start),
     }
@@ -148,7 +174,7 @@ def main() -> None:
         "# Live policy cache: decode time per token and KV bytes held",
         "",
         f"Bundled model, prompt {ids.shape[1]} tokens, budget {args.budget}, {args.steps} decode steps, "
-        f"median of {args.repeats} interleaved repeats, {args.threads} torch thread(s), model in {args.dtype}. Targets: "
+        f"median of {args.repeats} interleaved repeats, {args.threads} torch thread(s), model in float32. Targets: "
         f"prefill-once presets at most {TARGET_RATIO}× the plain full cache per token ({PER_HEAD_TARGET_RATIO}× for "
         f"{' and '.join(PER_HEAD)}); per-head budgets at most 1.02× snapkv's bytes; prefill peak at most {PEAK_TARGET}× "
         f"the plain cache's. KV held at the serving dtype (2 bytes per element) after the decode steps; prefill peak in "
@@ -164,6 +190,8 @@ def main() -> None:
             f"{row['kv_bytes'] / 2**20:.2f} | {row['bytes_vs_full']:.3f} | {row['bytes_vs_snapkv']:.3f} | "
             f"{row['prefill_peak_bytes'] / 2**20:.2f} | {row['peak_vs_full']:.3f} | {target} |"
         )
+    lines += ["", "Prefill peak of a bfloat16 copy of the model (a serving dtype), relative to a plain DynamicCache's: "
+              + ", ".join(f"{name} {ratio:.3f}×" for name, ratio in bf16_peaks.items()) + "."]
     (RESULTS / "live_overhead.md").write_text("\n".join(lines) + "\n")
     console.print(f"results: {RESULTS / 'live_overhead.md'}")
 

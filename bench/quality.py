@@ -69,9 +69,7 @@ from kvsim.live.runner import LiveSample, fidelity
 from kvsim.live.validate import check_model_matches, select_samples
 from kvsim.policies import PRESETS, Budget
 from kvsim.policies.policy import Policy
-from kvsim.search import SearchSettings
-from kvsim.search.outputs import top_trials, trial_policy
-from kvsim.search.run import prepare, run_trials
+from kvsim.search import SearchSettings, search
 from kvsim.traces.capture import CaptureSettings, capture_traceset
 from kvsim.traces.models import DEFAULT_MODEL, LoadedModel, eos_token_ids, load_model
 from kvsim.traces.store import TraceSample, TraceSet
@@ -109,13 +107,11 @@ def capture(loaded: LoadedModel, spec: str, n: int, seed: int, out: Path, args, 
     return traceset
 
 
-def searched_winner(traces: Path, mode: str, budget: float, args, notes: list[str]) -> tuple[Policy, dict]:
-    """The best policy of a simulator search at `budget` in `mode`, renamed `searched`.
-
-    Runs the trials of `kvsim search` (`prepare`, `run_trials`, `top_trials`) but not its report:
-    the report re-simulates every preset on the search's held-out samples, minutes per budget on
-    this CPU, and this bench measures the presets live instead. The winner is kept in RUNDIR/winner.json.
-    """
+def searched_winner(traces: Path, mode: str, budget: float, args, notes: list[str], loaded: LoadedModel) -> tuple[Policy, dict]:
+    """The winner of a `kvsim search` at `budget` in `mode` (exact tier: the proxy prunes, the model
+    ranks by answer log-likelihood; the best trials re-ranked on validation samples), renamed
+    `searched`. The search's own test split is empty: this bench's test is the held-out workload.
+    The winner is kept in RUNDIR/winner.json."""
     rundir = Path(args.workdir) / f"search-{mode}-{budget:g}-t{args.trials}"
     saved = rundir / "winner.json"
     if saved.exists():
@@ -124,15 +120,16 @@ def searched_winner(traces: Path, mode: str, budget: float, args, notes: list[st
     else:
         shutil.rmtree(rundir, ignore_errors=True)  # an interrupted run: start its study over
         started = time.perf_counter()
-        settings = SearchSettings(traces=traces, budget=Budget(budget), rundir=rundir, trials=args.trials, study=f"quality-{mode}-{budget:g}", mode=mode, held_out=0.0)
-        prepared = prepare(settings)
-        study = run_trials(prepared)
-        best_trial = top_trials(study, settings.objective, 1)[0]
-        states = [trial.state.name for trial in study.trials]
-        info = {"rundir": str(rundir), "spec": trial_policy(best_trial).to_spec(), "sim_score": best_trial.values[0],
-                "trials": {state: states.count(state) for state in sorted(set(states))}, "search_samples": prepared.split.search}
+        settings = SearchSettings(traces=traces, budget=Budget(budget), rundir=rundir, trials=args.trials,
+                                  study=f"quality-{mode}-{budget:g}", mode=mode, validation=0.25, test=0.0)
+        summary = search(settings, loaded=loaded).summary()
+        best = summary["top"][0]
+        info = {"rundir": str(rundir), "spec": json.loads((rundir / best["spec"]).read_text())["policy"],
+                "search_value": best["search_value"], "validation": best["validation"], "trials": summary["trials"],
+                "search_samples": summary["samples"]["search"], "validation_samples": summary["samples"]["validation"]}
         saved.write_text(json.dumps(info, indent=2) + "\n")
-        log(f"searched {mode} at {budget:g}: {args.trials} trials in {time.perf_counter() - started:.0f} s, sim_score {info['sim_score']:.3f}")
+        log(f"searched {mode} at {budget:g}: {args.trials} trials in {time.perf_counter() - started:.0f} s, "
+            f"answer log-lik. {info['validation']['answer_logprob']:.3f} on validation samples")
         torch.set_num_threads(args.threads)  # the search sets one thread per process
     return replace(Policy.from_spec(info["spec"]), name=SEARCHED), info
 
@@ -316,7 +313,7 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{result['machine']['cpu_count']} cores.",
         "",
         f"Search: workload `{s['search_workload']}` seed {s['search_seed']}, {s['search_samples']} samples, {s['trials']} trials per "
-        f"(mode, budget), simulator `sim_score`. Held-out (live): workload `{s['heldout_workload']}` seed {s['heldout_seed']}, "
+        f"(mode, budget), the exact tier's answer log-likelihood (the proxy prunes), re-ranked on validation samples. Held-out (live): workload `{s['heldout_workload']}` seed {s['heldout_seed']}, "
         f"{s['heldout_samples']} samples per mode (families never searched: {', '.join(result['unseen_families'])}), "
         f"~{s['context_tokens']}-token contexts, bundled model. Budgets: {', '.join(f'{b:g}' for b in s['budgets'])} of the "
         "compressed prompt (sinks and windows inside the budget). Score: task score with 95 % bootstrap CI over samples; "
@@ -345,7 +342,7 @@ def write_markdown(path: Path, result: dict) -> None:
     for key, w in result["winners"].items():
         same = [name for name, preset in PRESETS.items() if {**preset.to_spec(), "name": None} == {**w["spec"], "name": None}]
         twin = f" — the same policy as preset `{same[0]}`" if same else ""
-        lines.append(f"- {key}: sim_score {w['sim_score']:.3f}, trials {w['trials']}{twin}, spec `{json.dumps(w['spec'], separators=(',', ':'))}`")
+        lines.append(f"- {key}: answer log-lik. {w['validation']['answer_logprob']:.3f} on validation samples, trials {w['trials']}{twin}, spec `{json.dumps(w['spec'], separators=(',', ':'))}`")
     if result["notes"]:
         lines += ["", "## Notes", "", *(f"- {note}" for note in result["notes"])]
     path.write_text("\n".join(lines) + "\n")
@@ -447,7 +444,7 @@ def main() -> None:
     winners, winner_info = {}, {}
     for mode in modes:
         for budget in budgets:
-            winners[(mode, budget)], winner_info[f"{mode} @ {budget:g}"] = searched_winner(search_traces.root, mode, budget, args, notes)
+            winners[(mode, budget)], winner_info[f"{mode} @ {budget:g}"] = searched_winner(search_traces.root, mode, budget, args, notes, loaded)
     log(f"searches ready ({time.perf_counter() - started:.0f} s)")
 
     rows: list[dict] = []

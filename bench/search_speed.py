@@ -45,10 +45,11 @@ SCHEDULES = ("prefill", "every_step", "lagged")
 
 
 def run_study(traces: Path, rundir: Path, sampler: str, workers: int, trials: int, budget: float, held_out: float) -> dict:
-    settings = SearchSettings(traces=traces, budget=Budget(budget), rundir=rundir, study=f"{sampler}-{workers}",
-                              trials=trials, sampler=sampler, workers=workers, held_out=held_out)
+    """The proxy tier alone: this bench measures the simulator's throughput (the exact tier runs the model)."""
+    settings = SearchSettings(traces=traces, budget=Budget(budget), rundir=rundir, study=f"{sampler}-{workers}", trials=trials,
+                              sampler=sampler, workers=workers, validation=held_out, test=0.0, tier="proxy")
     start = time.perf_counter()
-    summary = search(settings)
+    summary = search(settings).summary()
     wall = time.perf_counter() - start
     storage = f"sqlite:///{rundir / 'study.db'}" if workers == 1 else JournalStorage(JournalFileBackend(str(rundir / "study.journal")))
     study = optuna.load_study(study_name=settings.study, storage=storage)

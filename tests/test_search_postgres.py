@@ -112,7 +112,7 @@ HANGING_WORKER = textwrap.dedent("""
                               storage=url, sampler="cmaes", heartbeat_s=1, validation=0, test=0, tier="proxy")
     prepared = prepare(settings)
     study = open_study(prepared.storage, settings.study, prepared.study_settings)
-    objective = Objective(Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget,
+    objective = Objective(Evaluator(prepared.traceset, prepared.settings.mode), prepared.split.search, settings.budget,
                           settings.objective, settings.space)
 
     def hangs(trial):

@@ -217,12 +217,17 @@ class HeldLayer:
         the layer holds; every-step and lagged schedules then observe it and evict on their steps."""
         heads, n, head_dim = queries.shape
         query_positions = torch.arange(self.seen - n, self.seen, device=queries.device)
-        keys, values, positions = self.readable()
         grouped = queries.reshape(self.kv_heads, heads // self.kv_heads, n, head_dim)
-        if len({k.shape[0] for k in keys}) == 1:  # equal counts: one batched call over all heads
-            output, probs = attend_heads(grouped, torch.stack(keys), torch.stack(values), torch.stack(positions), query_positions, self.scaling, self.stepwise)
+        if self.low is None and self.full.uniform:
+            # Equal counts: the flat head-major layout is a [kv, c, d] tensor as it is (no copy), one call.
+            shape = (self.kv_heads, self.full.counts[0])
+            output, probs = attend_heads(
+                grouped, self.full.keys.view(*shape, -1), self.full.values.view(*shape, -1), self.full.positions.view(shape),
+                query_positions, self.scaling, self.stepwise,
+            )
             probs = None if probs is None else list(probs)
         else:
+            keys, values, positions = self.readable()
             results = [
                 attend_heads(grouped[h : h + 1], keys[h][None], values[h][None], positions[h][None], query_positions, self.scaling, self.stepwise)
                 for h in range(self.kv_heads)

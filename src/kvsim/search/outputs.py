@@ -133,7 +133,8 @@ def score_on_validation(
         value = trial.values[0] if trial is not None else None
         return Scored(name, policy.to_spec(), budget.value, None if trial is None else trial.number, value, metrics)
 
-    winners = [scored(f"trial-{t.number}", trial_policy(t), Budget(t.user_attrs["budget"]), t) for t in candidates]
+    # A preset keeps its name (a winner that is a preset verbatim says so); compositions are `trial-<n>`.
+    winners = [scored(trial_policy(t).name, trial_policy(t), Budget(t.user_attrs["budget"]), t) for t in candidates]
     key = (lambda s: (-s.validation["answer_logprob"], s.validation["kl"])) if exact else (lambda s: -s.validation["sim_score"])
     winners = sorted(winners, key=key)[: settings.top]
     presets = []
@@ -160,14 +161,18 @@ def importances(study: optuna.Study, objective: str, family: str | None = None) 
     is constant, so the parts and parameters that matter inside the winner's family show); a
     string says why there are none."""
     target = (lambda trial: trial.values[0]) if objective == "pareto" else None
+    params = None
     if family is not None:
         trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params.get("family") == family]
+        params = sorted({name for t in trials for name in t.params} - {"family"})
+        if not params:
+            return f"not available: family {family} has no parameters of its own"
         study = optuna.create_study(directions=study.directions)
         study.add_trials(trials)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "importances will be equal" on flat studies: the plot shows it
-            found = optuna.importance.get_param_importances(study, target=target)
+            found = optuna.importance.get_param_importances(study, target=target, params=params)
     except (ValueError, RuntimeError) as err:  # too few trials, or a space with one point
         return f"not available: {err}"
     if not found:
@@ -179,7 +184,7 @@ def layer_budgets(proxy: Evaluator, sample_id: str, entries: Sequence[Scored]) -
     """Each layer's budget relative to a uniform split, on one sample: the winner and the presets
     whose allocators differ."""
     prepared = proxy.prepared(sample_id)
-    shown = [entries[0]] + [e for e in entries[1:] if e.trial is None and e.name in ALLOCATION_PRESETS]
+    shown = [entries[0]] + [e for e in entries[1:] if e.name in ALLOCATION_PRESETS and e.name != entries[0].name]
     curves = {}
     for entry in shown:
         _, budgets = allocate(Policy.from_spec(entry.policy), prepared.views, Budget(entry.budget), prepared.sample.prompt_len)
@@ -196,7 +201,11 @@ def write_outputs(prepared: Prepared, study: optuna.Study, winners: list[Scored]
     for rank, entry in enumerate(winners, 1):
         spec = {"policy": entry.policy, "budget": entry.budget, **_provenance(prepared, entry)}
         top.append({"rank": rank, "spec": run.write_top_spec(rank, spec), **{k: v for k, v in spec.items() if k != "policy"}})
+    # Within the winner's family; a preset has no parameters, so then within the composed family,
+    # where the search's own choices are.
     family = _family_of(study, winners[0].trial) if winners else None
+    if family is not None and family.startswith(PRESET_PREFIX):
+        family = COMPOSED
     summary = summary_of(prepared, study) | {
         "top": top,
         "presets": [asdict(entry) for entry in presets],

@@ -20,14 +20,13 @@ one extra prefill of the prefix and one forward of about its length (bench/captu
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from kvsim.traces.prompt import template_parts
-from kvsim.traces.recorder import causal_sdpa
+from kvsim.traces.prompt import encode, template_parts
+from kvsim.traces.recorder import attention_routed, causal_sdpa
 
 FIRST_REQUEST = "\n\nRepeat the previous context exactly."
 NEXT_REQUEST = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -91,13 +90,13 @@ AttentionInterface.register(ATTENTION_NAME, _attention)
 def repeat_requests(tokenizer: PreTrainedTokenizerBase, prefix_ids: list[int]) -> Iterator[tuple[int, int, list[int]]]:
     """(start, end, ids) per chunk: the prefix span [start, end) repeated and the ids fed to repeat it."""
     head, tail = template_parts(tokenizer)
-    head_ids = _encode(tokenizer, head)
+    head_ids = encode(tokenizer, head)
     context_start = len(head_ids) if prefix_ids[: len(head_ids)] == head_ids else 0
-    tail_ids = _encode(tokenizer, tail)
+    tail_ids = encode(tokenizer, tail)
     previous: list[int] = []
     for start in range(context_start, len(prefix_ids), CHUNK):
         end = min(start + CHUNK, len(prefix_ids))
-        request = _encode(tokenizer, NEXT_REQUEST) + previous[-OVERLAP:] if previous else _encode(tokenizer, FIRST_REQUEST)
+        request = encode(tokenizer, NEXT_REQUEST) + previous[-OVERLAP:] if previous else encode(tokenizer, FIRST_REQUEST)
         chunk = prefix_ids[start:end]
         yield start, end, request + tail_ids + chunk
         previous = chunk
@@ -108,7 +107,7 @@ def reconstruction_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     """Per layer [heads, len(prefix_ids)] float32: KVzip's scores of the prefix (module docstring)."""
     config = model.config
     reconstruction = _Reconstruction(config.num_hidden_layers, config.num_attention_heads, len(prefix_ids))
-    with _reconstructing(model, reconstruction):
+    with attention_routed(model, ATTENTION_NAME, _active, reconstruction):
         cache = DynamicCache()  # no sliding layers: they cannot crop back to the prefix (the window is masked instead)
         model(input_ids=torch.tensor([prefix_ids]), past_key_values=cache, logits_to_keep=1)
         for start, end, ids in repeat_requests(tokenizer, prefix_ids):
@@ -117,18 +116,3 @@ def reconstruction_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
             cache.crop(len(prefix_ids) - cache.get_seq_length())  # back to the prefix: a negative count, as 5.2 and 5.3+ read it
     return reconstruction.scores
 
-
-@contextmanager
-def _reconstructing(model: PreTrainedModel, reconstruction: _Reconstruction) -> Iterator[None]:
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    token = _active.set(reconstruction)
-    try:
-        yield
-    finally:
-        _active.reset(token)
-        model.set_attn_implementation(previous)
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids if text else []

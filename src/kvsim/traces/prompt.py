@@ -41,11 +41,11 @@ class RenderedPrompt:
 def render_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> RenderedPrompt:
     """Lay out `sample` in the model's chat template (when it has one) and tokenize piece by piece."""
     head, tail = template_parts(tokenizer)
-    ids = _encode(tokenizer, head)
+    ids = encode(tokenizer, head)
     evidence = set(sample.evidence())
     needle_spans, filler_spans = [], []
     for index, segment in enumerate(sample.context):
-        span = _append(ids, _encode(tokenizer, segment.text))
+        span = _append(ids, encode(tokenizer, segment.text))
         if index in evidence:
             needle_spans.append(span)
         elif segment.kind == "filler":
@@ -53,11 +53,11 @@ def render_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> Rendere
     context_end = len(ids)
     question_start = len(ids)
     for segment in sample.question:
-        _append(ids, _encode(tokenizer, segment.text))
+        _append(ids, encode(tokenizer, segment.text))
     question_span = (question_start, len(ids))
-    ids += _encode(tokenizer, tail)
+    ids += encode(tokenizer, tail)
     prefix = sample.answer_prefix.lstrip() if tail.endswith("\n") else sample.answer_prefix
-    ids += _encode(tokenizer, prefix)
+    ids += encode(tokenizer, prefix)
     return RenderedPrompt(ids, context_end, needle_spans, filler_spans, question_span)
 
 
@@ -76,7 +76,8 @@ def template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     return bos or "", "\n"
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of one piece of a prompt, without special tokens (the template supplies them)."""
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 

@@ -9,7 +9,7 @@ TraceSet stores; otherwise it is plain SDPA, so a model left in this mode still 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -134,14 +134,20 @@ AttentionInterface.register(ATTENTION_NAME, _attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-@contextmanager
-def recording(model: PreTrainedModel, recorder: ForwardRecorder) -> Iterator[ForwardRecorder]:
+def recording(model: PreTrainedModel, recorder: ForwardRecorder):
     """Route `model`'s attention through `recorder` for the duration of the block."""
+    return attention_routed(model, ATTENTION_NAME, _active, recorder)
+
+
+@contextmanager
+def attention_routed(model: PreTrainedModel, name: str, active: ContextVar, value):
+    """Switch `model` to the registered attention function `name`, with `active` set to `value`
+    (what that function reads), for the duration of the block; the model's own is restored after."""
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    token = _active.set(recorder)
+    model.set_attn_implementation(name)
+    token = active.set(value)
     try:
-        yield recorder
+        yield value
     finally:
-        _active.reset(token)
+        active.reset(token)
         model.set_attn_implementation(previous)

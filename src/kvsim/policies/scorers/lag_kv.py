@@ -52,7 +52,7 @@ class LagKV(Scorer):
         kv_heads, n = view.kv_heads, view.length
         if n < self.sinks + 2 * self.lag:
             ramp = torch.ones(kv_heads, n)
-            ramp[:, self.sinks :] = torch.arange(n - self.sinks) / max(n - self.sinks, 1)
+            ramp[:, self.sinks :] = torch.arange(max(n - self.sinks, 0)) / max(n - self.sinks, 1)  # n may be below sinks
             return pool_scores(ramp, self.pool, self.kernel)
         end = self.sinks + (n - self.sinks) // self.lag * self.lag
         scored = (self._states_score(view.keys[:, self.sinks : end]) + self._states_score(view.values[:, self.sinks : end])) / 2
