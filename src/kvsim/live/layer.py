@@ -38,13 +38,6 @@ class PolicyLayer(SeenTokensLayer):
 
     # --- the transformers cache-layer interface -------------------------------------------------
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.shape[0] != 1:
-            raise KvsimError(f"the policy cache runs batch size 1, got {key_states.shape[0]}: generate one prompt at a time")
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        self.is_initialized = True
-
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

@@ -11,11 +11,21 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvsim.errors import KvsimError
+
 
 class SeenTokensLayer(CacheLayerMixin):
-    """A cache layer whose length is the count of tokens it has seen; subclasses keep `seen` up to date."""
+    """A kvsim cache layer (batch size 1) whose length is the count of tokens it has seen; subclasses keep `seen` up to date."""
 
     seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Empty keys and values of the incoming dtype and device (kvsim's caches run batch size 1)."""
+        if key_states.shape[0] != 1:
+            raise KvsimError(f"the policy cache runs batch size 1, got {key_states.shape[0]}: generate one prompt at a time")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.is_initialized = True
 
     def get_seq_length(self) -> int:
         return self.seen

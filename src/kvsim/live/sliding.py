@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 
-from kvsim.errors import KvsimError
 from kvsim.kernels import causal_attention_column_stats
 from kvsim.live.layer_base import SeenTokensLayer
 from kvsim.policies.held import KV_ELEMENT_BYTES
@@ -32,13 +31,6 @@ class SlidingLayer(SeenTokensLayer):
         self.window = window
         self.row_splits = tuple(row_splits)
         self.seen = 0  # tokens this layer has been given: the next token's position
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.shape[0] != 1:
-            raise KvsimError(f"the policy cache runs batch size 1, got {key_states.shape[0]}: generate one prompt at a time")
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
