@@ -128,13 +128,13 @@ def shared_work(traceset: TraceSet, sample: TraceSample):
     """The policy-independent inputs of every replay: prefill views with their window attention (kept
     per window size by the view, so simulate_sample computes it once per sample for the first policy
     reading it) and the continuation's full-cache attention."""
-    n_layers, window = traceset.n_layers, traceset.meta["window"]
-    views = [prefill_view(sample, layer, n_layers, window) for layer in range(n_layers)]
+    shape, window = traceset.shape, traceset.meta["window"]
+    views = [prefill_view(sample, layer, shape, window) for layer in shape.policy_layers]
     sizes = ({policy.observation_window for policy in PRESETS.values()} | {1}) - {0}
     for view in views:
         for size in sizes:  # computed here so no policy's marginal time includes it
             view.window(size)
-    fulls = [continuation_attention(sample, layer, window) for layer in range(n_layers)]
+    fulls = [continuation_attention(sample, layer, window, shape.scaling) for layer in shape.policy_layers]
     return views, fulls
 
 

@@ -27,9 +27,9 @@ def capture(loaded, tmp_path, samples, dtype="float32", max_new_tokens=6, modes=
 
 
 @pytest.fixture(scope="module")
-def tiny_traces(tiny_model, tmp_path_factory):
-    samples = passkey_samples(tiny_model.tokenizer)
-    return tiny_model, capture(tiny_model, tmp_path_factory.mktemp(tiny_model.source.name), samples)
+def tiny_traces(tiny_any_model, tmp_path_factory):
+    samples = passkey_samples(tiny_any_model.tokenizer)
+    return tiny_any_model, capture(tiny_any_model, tmp_path_factory.mktemp(tiny_any_model.source.name), samples)
 
 
 def plain_forward(model, ids, attn_implementation="sdpa"):
@@ -41,7 +41,7 @@ def plain_forward(model, ids, attn_implementation="sdpa"):
 
     hooks = [layer.self_attn.register_forward_pre_hook(keep_inputs, with_kwargs=True) for layer in model.model.layers]
     model.set_attn_implementation(attn_implementation)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # every layer keeps every key (a sliding layer's own cache drops old ones)
     try:
         with torch.no_grad():
             out = model(input_ids=ids[None], past_key_values=cache, output_attentions=attn_implementation == "eager")
@@ -54,7 +54,11 @@ def plain_forward(model, ids, attn_implementation="sdpa"):
 
 def recomputed_queries(attention, hidden_states, position_embeddings):
     heads_shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
-    q = attention.q_proj(hidden_states).view(heads_shape).transpose(1, 2)
+    if hasattr(attention, "qkv_proj"):  # Phi-3 projects queries, keys and values in one matmul, queries first
+        q = attention.qkv_proj(hidden_states)[..., : attention.config.num_attention_heads * attention.head_dim]
+    else:
+        q = attention.q_proj(hidden_states)
+    q = q.view(heads_shape).transpose(1, 2)
     if hasattr(attention, "q_norm"):
         q = attention.q_norm(q)
     cos, sin = position_embeddings

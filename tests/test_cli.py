@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import kvsim as kvsim_api
 from kvsim.cli.main import app
+from kvsim.traces.capture import CaptureSettings
 from kvsim.traces.store import TraceSet
 
 runner = CliRunner()
@@ -89,3 +92,16 @@ def test_console_script_exit_status(tmp_path):
         [sys.executable, "-m", "kvsim.cli.main", "traces", "verify", str(tmp_path)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "error:" in result.stderr
+
+
+def test_python_capture_writes_what_the_cli_writes(tiny_folder, tmp_path):
+    options = {"workload": "passkey", "samples": 1, "context_tokens": 200}
+    result = kvsim("capture", "--model", tiny_folder, "--workload", "passkey", "--samples", 1, "--context-tokens", 200,
+                   "--window", 8, "--max-new-tokens", 3, "--out", tmp_path / "cli")
+    assert result.exit_code == 0, result.output
+    traceset = kvsim_api.capture(tmp_path / "api", model=str(tiny_folder), settings=CaptureSettings(window=8, max_new_tokens=3), **options)
+    from_cli = TraceSet.open(tmp_path / "cli")
+    assert traceset.meta == from_cli.meta and traceset.shape.model_type == "llama"
+    (sample,), (cli_sample,) = traceset, from_cli
+    assert sample.tensors.keys() == cli_sample.tensors.keys()
+    assert all(torch.equal(tensor, cli_sample.tensors[name]) for name, tensor in sample.tensors.items())

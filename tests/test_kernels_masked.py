@@ -68,7 +68,7 @@ def test_twin_gives_block_metrics_numbers_for_prefill_selections(tmp_path):
     """What the simulator's prefill-once path computes per policy, for four selections in one call."""
     traceset = synthetic_traceset(tmp_path, kv_heads=3, group=3, prompt_len=50, continuation=6, window=4, needle=(10, 14))
     sample = next(iter(traceset))
-    full = continuation_attention(sample, 0, window=4)
+    full = continuation_attention(sample, 0, window=4, scaling=traceset.shape.scaling)
     generator = torch.Generator().manual_seed(3)
     prompt_keeps = torch.rand(4, 3, 50, generator=generator) < torch.tensor([0.05, 0.2, 0.5, 0.9])[:, None, None]
     readable = torch.cat([prompt_keeps, torch.ones(4, 3, full.rows, dtype=torch.bool)], dim=2)

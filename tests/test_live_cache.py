@@ -91,7 +91,7 @@ def test_memory_held_matches_the_budget_rule(tiny_model, prompt_ids, preset):
     cache = PolicyCache.for_model(PRESETS[preset], budget, model)
     model(prompt_ids, past_key_values=cache)
     kv_heads = config.num_key_value_heads
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = tiny_model.shape.head_dim
     full, low = cache.held_tokens()
     assert low == 0
     assert full == budget.total(PROMPT, config.num_hidden_layers, kv_heads)

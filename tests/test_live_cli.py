@@ -89,7 +89,7 @@ def test_exported_policy_applies_in_three_lines(bundled_traces, validation, bund
     assert result.exit_code == 0, result.output
     data = json.loads(winner.read_text())
     assert data["provenance"]["traceset"]["hash"] == TraceSet.open(bundled_traces).content_hash
-    assert data["provenance"]["trial"] == 7 and data["model"]["n_layers"] == 30
+    assert data["provenance"]["trial"] == 7 and data["model"]["shape"]["n_layers"] == 30
     assert 0 < data["metrics"]["simulated"]["sim_score"] <= 1 and data["metrics"]["validated"]["samples"] == 2
 
     model, tokenizer = bundled_model.model, bundled_model.tokenizer
@@ -136,9 +136,9 @@ KVPRESS_POLICIES = {
 
 
 @torch.inference_mode()
+@pytest.mark.kvpress
 @pytest.mark.parametrize("name", sorted(KVPRESS_POLICIES))
 def test_kvpress_export_runs_as_a_press(name, tiny_llama, tmp_path):
-    pytest.importorskip("kvpress")
     from kvpress.presses.base_press import BasePress
 
     policy, budget = KVPRESS_POLICIES[name], Budget(0.25)

@@ -26,6 +26,7 @@ from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
 from kvsim.policies.policy import Policy
 from kvsim.policies.presets import PRESETS
+from kvsim.shape import ARCHITECTURES
 from kvsim.policies.held import handed_to_retention
 from kvsim.policies.retention import Merge, MixedPrecision, Quantize
 from kvsim.policies.rope import Rotary
@@ -92,82 +93,99 @@ def positions_of(keep: torch.Tensor) -> list[list[int]]:
     return [row.nonzero().flatten().tolist() for row in keep]
 
 
-def assert_same_prefill_decisions(live, sample, n_layers, policies, budgets, rope):
-    views = [prefill_view(sample, layer, n_layers, WINDOW, rope) for layer in range(n_layers)]
+def assert_same_prefill_decisions(live, sample, shape, policies, budgets, rope):
+    """Full-attention layers keep what the simulator keeps; sliding layers keep their last window − 1
+    positions whatever the policy."""
+    views = [prefill_view(sample, layer, shape, WINDOW, rope) for layer in shape.policy_layers]
     for policy in policies:
         for value in budgets:
-            simulated, _ = compress_prefill(policy, views, Budget(value), sample.prompt_len)
             cache = live.recording.with_policy(policy, Budget(value))
-            for layer, keep in enumerate(simulated):
-                held = [p.tolist() for p in cache.kept_positions(layer)]
-                assert held == positions_of(keep), (policy.name, value, sample.mode, layer)
+            if views:
+                simulated, _ = compress_prefill(policy, views, Budget(value), sample.prompt_len)
+                for layer, keep in zip(shape.policy_layers, simulated):
+                    held = [p.tolist() for p in cache.kept_positions(layer)]
+                    assert held == positions_of(keep), (policy.name, value, sample.mode, layer)
+            for layer, window in enumerate(shape.windows):
+                if window is not None:
+                    expected = list(range(sample.prompt_len - window + 1, sample.prompt_len))
+                    assert all(p.tolist() == expected for p in cache.kept_positions(layer)), (policy.name, layer)
 
 
-def simulated_steps(sample, n_layers, policy, budget, rope):
-    """Per layer, the positions each head holds after every continuation row, from the simulator."""
-    views = [prefill_view(sample, layer, n_layers, WINDOW, rope) for layer in range(n_layers)]
+def simulated_steps(sample, shape, policy, budget, rope):
+    """Per full-attention layer, the positions each head holds after every continuation row, from the simulator."""
+    views = [prefill_view(sample, layer, shape, WINDOW, rope) for layer in shape.policy_layers]
     keeps, budgets = compress_prefill(policy, views, budget, sample.prompt_len)
     steps = []
-    for layer in range(n_layers):
+    for index, layer in enumerate(shape.policy_layers):
         rows = []
-        full = continuation_attention(sample, layer, WINDOW)
-        replay_stepwise(policy, views[layer], full, keeps[layer], budgets[layer], lambda row, held: rows.append(
+        full = continuation_attention(sample, layer, WINDOW, shape.scaling)
+        replay_stepwise(policy, views[index], full, keeps[index], budgets[index], lambda row, held: rows.append(
             [p.tolist() for p in held.kept_positions()]))
         steps.append(rows)
     return steps
 
 
-def live_steps(live, sample, n_layers, policy, budget):
-    """The same from the live cache, its layers fed the captured continuation row by row."""
+def live_steps(live, sample, shape, policy, budget):
+    """The same from the live cache, its full-attention layers fed the captured continuation row by row."""
     cache = live.recording.with_policy(policy, budget)
-    steps = [[] for _ in range(n_layers)]
+    steps = [[] for _ in shape.policy_layers]
     for row in range(sample.total_len - sample.prompt_len):
         position = sample.prompt_len + row
-        for index in range(n_layers):
+        for step, index in zip(steps, shape.policy_layers):
             trace = sample.layer(index)
             keys, values = cache.update(trace.k[None, :, position : position + 1], trace.v[None, :, position : position + 1], index)
             layer = cache.layers[index]
             layer.attend(trace.q[None, :, WINDOW + row : WINDOW + row + 1], layer.held.scaling)
-            steps[index].append([p.tolist() for p in cache.kept_positions(index)])
+            step.append([p.tolist() for p in cache.kept_positions(index)])
     return steps
 
 
-def assert_same_stepwise_decisions(live, sample, n_layers, policies, rope, budget=Budget(0.3)):
+def assert_same_stepwise_decisions(live, sample, shape, policies, rope, budget=Budget(0.3)):
+    if not shape.policy_layers:
+        pytest.skip("every layer slides: no policy decision to compare")
     for policy in policies:
-        assert live_steps(live, sample, n_layers, policy, budget) == simulated_steps(sample, n_layers, policy, budget, rope), (
+        assert live_steps(live, sample, shape, policy, budget) == simulated_steps(sample, shape, policy, budget, rope), (
             policy.name, sample.mode)
 
 
 def assert_same_bytes(live, traceset, sample, budgets):
+    if not traceset.shape.policy_layers:
+        pytest.skip("every layer slides: the simulator has nothing to replay")
     prepared = prepare_sample(traceset, sample)
     for policy in PRESETS.values():
         for value in budgets:
             predicted = sum(outcome.kv_bytes for outcome in prepared.replay(policy, Budget(value)))
-            assert live.recording.with_policy(policy, Budget(value)).held_bytes() == predicted, (policy.name, value)
+            cache = live.recording.with_policy(policy, Budget(value))
+            # The simulator reports the full-attention layers (sliding ones hold their window whatever the policy).
+            held = sum(cache.layers[layer].held_bytes() for layer in traceset.shape.policy_layers)
+            assert held == predicted, (policy.name, value)
 
 
 def assert_same_mixed_precision(live, traceset, sample, budgets):
     """Same full- and low-precision positions per head live and simulated (the one choice,
     `handed_to_retention`, made on each side's own prefill view), same bytes, within dropping's."""
+    if not traceset.shape.policy_layers:
+        pytest.skip("every layer slides: the simulator has nothing to replay")
     prepared = prepare_sample(traceset, sample)
     for policy in MIXED_PRECISION:
         for value in budgets:
             keeps, layer_budgets = compress_prefill(policy, prepared.views, Budget(value), sample.prompt_len)
             cache = live.recording.with_policy(policy, Budget(value))
-            for layer, (view, keep, heads) in enumerate(zip(prepared.views, keeps, layer_budgets)):
+            for layer, view, keep, heads in zip(traceset.shape.policy_layers, prepared.views, keeps, layer_budgets):
                 held = cache.layers[layer].held
                 low = handed_to_retention(policy, view, keep, heads)
                 assert [p.tolist() for p in held.kept_positions()] == positions_of(keep), (policy.name, value, layer)
                 assert [p.tolist() for p in held.low.per_head(held.low.positions)] == positions_of(low), (policy.name, value, layer)
             predicted = sum(outcome.kv_bytes for outcome in prepared.replay(policy, Budget(value)))
             dropping = sum(outcome.kv_bytes for outcome in prepared.replay(PRESETS["snapkv"], Budget(value)))
-            assert cache.held_bytes() == predicted <= dropping, (policy.name, value)
+            held = sum(cache.layers[layer].held_bytes() for layer in traceset.shape.policy_layers)
+            assert held == predicted <= dropping, (policy.name, value)
             assert cache.held_tokens()[1] > 0
 
 
 @pytest.fixture(scope="module")
-def tiny_float32_traces(tiny_model, tmp_path_factory):
-    return tiny_model, capture_float32(tiny_model, tmp_path_factory.mktemp("live-sim") / "traces", 200)
+def tiny_float32_traces(tiny_any_model, tmp_path_factory):
+    return tiny_any_model, capture_float32(tiny_any_model, tmp_path_factory.mktemp("live-sim") / "traces", 200)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -176,7 +194,7 @@ def test_every_preset_decides_the_same_prompt_tokens_live_and_simulated(tiny_flo
     loaded, traceset = tiny_float32_traces
     sample = next(traceset.samples(mode))
     live = LiveSample(loaded, traceset, sample, WINDOW, kvzip=True)
-    assert_same_prefill_decisions(live, sample, traceset.n_layers, PRESETS.values(), (0.1, 0.3), rope_of(traceset))
+    assert_same_prefill_decisions(live, sample, traceset.shape, PRESETS.values(), (0.1, 0.3), rope_of(traceset))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -185,7 +203,7 @@ def test_stepwise_policies_decide_the_same_tokens_at_every_step(tiny_float32_tra
     loaded, traceset = tiny_float32_traces
     sample = next(traceset.samples(mode))
     live = LiveSample(loaded, traceset, sample, WINDOW, kvzip=True)
-    assert_same_stepwise_decisions(live, sample, traceset.n_layers, STEPWISE_PRESETS + COMPOSED_STEPWISE, rope_of(traceset))
+    assert_same_stepwise_decisions(live, sample, traceset.shape, STEPWISE_PRESETS + COMPOSED_STEPWISE, rope_of(traceset))
 
 
 @torch.inference_mode()
@@ -211,11 +229,11 @@ def test_live_and_simulated_decisions_are_identical_on_the_bundled_model(bundled
     for mode in MODES:
         sample = next(traceset.samples(mode))
         live[mode] = LiveSample(bundled_model, traceset, sample, WINDOW, kvzip=True)
-        assert_same_prefill_decisions(live[mode], sample, traceset.n_layers, PRESETS.values(), (0.1, 0.3), rope)
+        assert_same_prefill_decisions(live[mode], sample, traceset.shape, PRESETS.values(), (0.1, 0.3), rope)
     # Step by step on the query-aware sample only (3 decode rows; the query-agnostic continuation
     # starts with the whole question, dozens of rows): the tiny models cover both modes.
     aware = next(traceset.samples("query-aware"))
-    assert_same_stepwise_decisions(live["query-aware"], aware, traceset.n_layers, STEPWISE_PRESETS + COMPOSED_STEPWISE[:3], rope)
+    assert_same_stepwise_decisions(live["query-aware"], aware, traceset.shape, STEPWISE_PRESETS + COMPOSED_STEPWISE[:3], rope)
     assert_same_bytes(live["query-aware"], traceset, aware, (0.1,))
 
 
@@ -227,5 +245,18 @@ def test_live_full_policy_reproduces_the_traced_continuation(tiny_float32_traces
     assert outcome.top1 == 1.0
     assert outcome.kl < 1e-4
     assert outcome.prediction == sample.prediction
-    compressed = LiveSample(loaded, traceset, sample, WINDOW, kvzip=True).run(PRESETS["streaming_llm"], Budget(0.05))
-    assert compressed.kl > outcome.kl
+    compressed = LiveSample(loaded, traceset, sample, WINDOW).run(PRESETS["streaming_llm"], Budget(0.05))
+    if traceset.shape.policy_layers:
+        assert compressed.kl > outcome.kl
+    else:  # every layer slides (the tiny Mistral): nothing to compress, the policy changes nothing
+        assert compressed.kl == pytest.approx(outcome.kl, abs=1e-9) and compressed.kv_bytes == outcome.kv_bytes
+
+
+def test_tiny_models_cover_every_supported_architecture_and_both_layer_kinds(tiny_float32_traces):
+    loaded, traceset = tiny_float32_traces
+    shape = traceset.shape
+    assert shape == loaded.shape and shape.model_type in ARCHITECTURES
+    kinds = {shape.kind(layer) for layer in range(shape.n_layers)}
+    if shape.model_type in ("mistral", "gemma3_text"):
+        assert "sliding" in kinds and min(w for w in shape.windows if w) < next(traceset.samples()).prompt_len
+    assert shape.scaling == pytest.approx(loaded.model.model.layers[0].self_attn.scaling)

@@ -36,8 +36,8 @@ def test_hand_computed_recall_and_error(tmp_path):
     values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     traceset = one_head_traceset(tmp_path, torch.zeros(5, 2), values, torch.zeros(2, 2), prompt_len=4, needle=(2, 3))
     sample = next(iter(traceset))
-    view = prefill_view(sample, 0, 1, window=1)
-    full = continuation_attention(sample, 0, window=1)
+    view = prefill_view(sample, 0, traceset.shape, window=1)
+    full = continuation_attention(sample, 0, window=1, scaling=traceset.shape.scaling)
     keep = torch.tensor([[True, False, True, False]])
     (outcome,) = replay_selection([keep], [view], [full])
     means = outcome.metrics.means()
@@ -56,8 +56,8 @@ def test_hand_computed_recall_and_error(tmp_path):
 def test_keeping_everything_is_exact(tmp_path):
     traceset = synthetic_traceset(tmp_path, prompt_len=32, continuation=4, window=4)
     sample = next(iter(traceset))
-    views = [prefill_view(sample, layer, 2, 4) for layer in range(2)]
-    fulls = [continuation_attention(sample, layer, 4) for layer in range(2)]
+    views = [prefill_view(sample, layer, traceset.shape, 4) for layer in range(2)]
+    fulls = [continuation_attention(sample, layer, 4, traceset.shape.scaling) for layer in range(2)]
     for outcome in replay_selection([torch.ones(2, 32, dtype=torch.bool)] * 2, views, fulls):
         assert outcome.metrics.means()["attn_recall"] == pytest.approx(1.0, abs=1e-6)
         assert outcome.metrics.means()["out_err"] == pytest.approx(0.0, abs=1e-5)

@@ -52,7 +52,7 @@ def test_every_step_holds_each_head_at_its_budget(traceset):
 def test_lagged_eviction_lets_the_cache_grow_between_evictions(traceset):
     lagged = replace(PRESETS["h2o"], schedule=Lagged(recent=4, every=4))
     sample = next(iter(traceset))
-    view, full = prefill_view(sample, 0, LAYERS, 32), continuation_attention(sample, 0, 32)
+    view, full = prefill_view(sample, 0, traceset.shape, 32), continuation_attention(sample, 0, 32, traceset.shape.scaling)
     (keep,), budgets = compress_prefill(lagged, [view], Budget(0.25), PROMPT)
     layer = HeldLayer.after_prefill(lagged, view, keep, budgets[0], 32, torch.float32)
     held = []

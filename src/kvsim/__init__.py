@@ -11,3 +11,11 @@ def load_policy(path):
     from kvsim.live.apply import load_policy as load
 
     return load(path)
+
+
+def capture(out, **options):
+    """Capture attention traces into a TraceSet folder and return it: `kvsim capture` as a call.
+    See `kvsim.traces.capture_run.capture` for the options (the CLI's, by the same names)."""
+    from kvsim.traces.capture_run import capture as run
+
+    return run(out, **options)

@@ -9,11 +9,10 @@ import typer
 
 from kvsim.cli.common import console, progress_bars, reports_errors
 from kvsim.cli.traces import print_summary
-from kvsim.paths import ensure_writable_dir
-from kvsim.traces.capture import STORAGE_DTYPES, CaptureSettings, capture_traceset, prepare_prompts
-from kvsim.traces.models import DEFAULT_MODEL, load_context_length, load_model, load_tokenizer
+from kvsim.traces.capture import STORAGE_DTYPES, CaptureSettings
+from kvsim.traces.capture_run import capture as run_capture
+from kvsim.traces.models import DEFAULT_MODEL
 from kvsim.traces.store import MODES
-from kvsim.traces.workloads import Haystack, build_workload
 
 
 class ModeChoice(str, Enum):
@@ -57,31 +56,16 @@ def capture(
     settings = CaptureSettings(
         window=window, max_new_tokens=max_new_tokens, top_k=top_k, storage_dtype=dtype, modes=mode.modes(), kvzip=kvzip
     )
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    filler = Haystack.from_file(haystack) if haystack else Haystack.default()
-    count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    workload_samples = build_workload(
-        workload, samples, seed=seed, context_tokens=context_tokens, count_tokens=count_tokens, haystack=filler
-    )
-    # Bad input fails before the model loads, and before --out is created.
-    max_positions = load_context_length(model, trust_remote_code=trust_remote_code)
-    prompts = prepare_prompts(workload_samples, tokenizer, settings, max_positions)
-    ensure_writable_dir(out, "output folder")
-    workload_meta = {
-        "spec": workload,
-        "seed": seed,
-        "context_tokens": context_tokens,
-        "haystack": filler.source,
-        "haystack_sha256": filler.sha256,
-    }
     with progress_bars() as progress:
-        loading = progress.add_task(f"loading {model}", total=1)
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
-        progress.update(loading, completed=1)
-        bar = progress.add_task("capturing", total=len(workload_samples))
+        loading = progress.add_task(f"loading {model}", total=1, visible=False)
+        bar = progress.add_task("capturing", total=samples, visible=False)
         counts = {"captured": 0, "skipped": 0}
 
+        def on_loading(event: str) -> None:
+            progress.update(loading, visible=True, completed=int(event == "loaded"))
+
         def report(event: str, sample) -> None:
+            progress.update(bar, visible=True)
             if event in counts:
                 counts[event] += 1
                 progress.advance(bar)
@@ -89,7 +73,10 @@ def capture(
                 verb = "prefill + generate" if event == "prefill" else "writing"
                 progress.update(bar, description=f"{verb} {sample.sample_id}")
 
-        traceset = capture_traceset(loaded, workload_samples, out, settings, workload_meta, report, prompts)
+        traceset = run_capture(
+            out, model=model, workload=workload, samples=samples, context_tokens=context_tokens, seed=seed,
+            settings=settings, haystack=haystack, trust_remote_code=trust_remote_code, on_loading=on_loading, report=report,
+        )
         progress.update(bar, description="captured")
     console.print(f"captured {counts['captured']} samples, skipped {counts['skipped']} already complete")
     print_summary(traceset)

@@ -9,7 +9,7 @@ import typer
 
 from kvsim.cli.common import console, human_bytes, reports_errors
 from kvsim.errors import KvsimError
-from kvsim.live.export import ExportedPolicy, ModelShape
+from kvsim.live.export import ExportedModel, ExportedPolicy
 from kvsim.live.kvpress_export import write_press_script
 from kvsim.paths import check_output_file
 from kvsim.policies import Budget, resolve_policy
@@ -53,8 +53,8 @@ def export(
     if model is None and traces is None:
         raise KvsimError("say which model the policy is for: give --model or --traces")
     traceset = TraceSet.open(traces) if traces is not None else None
-    shape = model_shape(model, traceset)
-    chosen.check_model(shape.n_layers)
+    target = exported_model(model, traceset)
+    chosen.check_model(len(target.shape.policy_layers))
     provenance = {
         "traceset": None if traceset is None else {"path": str(traces), "hash": traceset.content_hash},
         "study": study,
@@ -64,7 +64,7 @@ def export(
         "simulated": None if traceset is None else simulated_metrics(traceset, chosen, chosen_budget),
         "validated": None if validation is None else validated_metrics(read_validation(validation), validation, chosen.name, chosen_budget),
     }
-    write_export(ExportedPolicy(chosen, chosen_budget, shape, provenance, metrics), out, kvpress)
+    write_export(ExportedPolicy(chosen, chosen_budget, target, provenance, metrics), out, kvpress)
 
 
 def write_export(exported: ExportedPolicy, out: Path, kvpress: bool) -> Path:
@@ -96,7 +96,7 @@ def export_search_winner(rundir: Path, out: Path, kvpress: bool) -> None:
         "study": summary["study"],
         "trial": entry["provenance"]["trial"],
     }
-    path = write_export(ExportedPolicy(winner, budget, _from_traces(traceset), provenance, metrics), out, kvpress)
+    path = write_export(ExportedPolicy(winner, budget, exported_model(None, traceset), provenance, metrics), out, kvpress)
     for line in run_summary(search, winner.name, live, path):
         console.print(line, highlight=False)
 
@@ -116,19 +116,14 @@ def run_summary(search: SearchRun, winner: str, live: pl.DataFrame | None, expor
     return lines
 
 
-def model_shape(model: str | None, traceset: TraceSet | None) -> ModelShape:
+def exported_model(model: str | None, traceset: TraceSet | None) -> ExportedModel:
     if model is None:
-        return _from_traces(traceset)
+        return ExportedModel(traceset.meta["model"]["id"], traceset.meta["model"]["config_hash"], traceset.shape)
     loaded = load_model(model)
-    shape = ModelShape.of(loaded.source.name, loaded.config_hash, loaded.model.config)
-    if traceset is not None and traceset.meta["model"]["config_hash"] != shape.config_hash:
+    exported = ExportedModel(loaded.source.name, loaded.config_hash, loaded.shape)
+    if traceset is not None and traceset.meta["model"]["config_hash"] != exported.config_hash:
         raise KvsimError(f"--traces were captured from {traceset.meta['model']['id']}, not {model}: export with matching traces")
-    return shape
-
-
-def _from_traces(traceset: TraceSet) -> ModelShape:
-    meta = traceset.meta["model"]
-    return ModelShape(meta["id"], meta["config_hash"], meta["n_layers"], meta["heads"], meta["kv_heads"], meta["head_dim"])
+    return exported
 
 
 def simulated_metrics(traceset: TraceSet, policy, budget: Budget) -> dict:

@@ -47,8 +47,8 @@ def print_summary(traceset: TraceSet) -> None:
     meta, manifest = traceset.meta, traceset.manifest
     model = meta["model"]
     console.print(
-        f"{traceset.root}  model {model['id']} ({model['model_type']}, {model['n_layers']} layers, "
-        f"{model['heads']} heads / {model['kv_heads']} KV heads)  window {meta['window']}  "
+        f"{traceset.root}  model {model['id']} ({traceset.shape.model_type}, {traceset.shape.describe()})  "
+        f"window {meta['window']}  "
         f"dtype {meta['storage_dtype']}  workload {meta['workload']['spec']} (seed {meta['workload']['seed']})"
     )
     if manifest.is_empty():

@@ -45,6 +45,7 @@ def causal_attention_column_stats_torch(
     scaling: float,
     row_splits: Sequence[int] = (),
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    window: int | None = None,
 ) -> ColumnStats:
     """Causal softmax attention of `n` queries over `T` keys with column sums per row group.
 
@@ -54,6 +55,8 @@ def causal_attention_column_stats_torch(
     row_splits: increasing row indices in (0, n) that cut the rows into groups; statistics are
         kept per group, e.g. split at the end of the context to get both evaluation modes' sums
         from one forward pass (they are additive over rows).
+    window: a sliding layer's window (`kvsim.shape`): each query sees only the last `window`
+        positions, itself included; None for full attention.
     """
     bounds = row_group_bounds(query, key, value, row_splits)
     heads, n, head_dim = query.shape
@@ -65,7 +68,8 @@ def causal_attention_column_stats_torch(
     q = query.float().reshape(kv_heads, group, n, head_dim)
     k = key.float()
     v = value.float()
-    known = _cpu_flash_attention(q, k, v, scaling) if n == total and query.device.type == "cpu" else None
+    whole_prompt = n == total and window is None and query.device.type == "cpu"
+    known = _cpu_flash_attention(q, k, v, scaling) if whole_prompt else None
     if known is not None:
         output, lse = known
     else:
@@ -81,8 +85,11 @@ def causal_attention_column_stats_torch(
             visible = offset + row1  # keys beyond the chunk's last position are masked for every row
             scores = torch.matmul(q[:, :, row0:row1], k[:, None, :visible].transpose(-1, -2)).mul_(scaling)
             positions = torch.arange(offset + row0, offset + row1, device=device)
-            future = torch.arange(visible, device=device)[None, :] > positions[:, None]
-            scores.masked_fill_(future, float("-inf"))
+            columns = torch.arange(visible, device=device)[None, :]
+            hidden = columns > positions[:, None]
+            if window is not None:
+                hidden |= columns <= positions[:, None] - window
+            scores.masked_fill_(hidden, float("-inf"))
             if known is not None:
                 probs = scores.sub_(lse[:, :, row0:row1, None]).exp_()
             else:

@@ -31,13 +31,15 @@ def causal_attention_column_stats(
     scaling: float,
     row_splits: Sequence[int] = (),
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    window: int | None = None,
 ) -> ColumnStats:
-    """Attention output, row lse and column sums; see `causal_attention_column_stats_torch`."""
-    if uses_triton(query):
+    """Attention output, row lse and column sums; see `causal_attention_column_stats_torch`.
+    Sliding windows run on the PyTorch twin (the Triton kernel masks causally only)."""
+    if uses_triton(query) and window is None:
         from kvsim.kernels.column_stats_triton import causal_attention_column_stats_triton
 
         return causal_attention_column_stats_triton(query, key, value, scaling, row_splits, chunk_bytes)
-    return causal_attention_column_stats_torch(query, key, value, scaling, row_splits, chunk_bytes)
+    return causal_attention_column_stats_torch(query, key, value, scaling, row_splits, chunk_bytes, window)
 
 
 def masked_attention_sums(

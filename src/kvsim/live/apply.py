@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 
 from kvsim.live.attention import ATTENTION_NAME
 from kvsim.live.cache import PolicyCache
-from kvsim.live.export import ExportedPolicy, ModelShape
-from kvsim.traces.models import config_hash
+from kvsim.live.export import ExportedPolicy
+from kvsim.shape import ModelShape
 
 
 class TunedPolicy:
@@ -30,8 +30,7 @@ class TunedPolicy:
         self.budget = exported.budget
 
     def check(self, model: PreTrainedModel) -> None:
-        model_id = getattr(model.config, "name_or_path", "") or type(model).__name__
-        self.exported.model.check(ModelShape.of(model_id, config_hash(model.config), model.config))
+        self.exported.model.check(ModelShape.from_config(model.config))
 
     def cache(self, model: PreTrainedModel) -> PolicyCache:
         """A fresh cache for one generation (switches the model's attention to `kvsim_live`)."""

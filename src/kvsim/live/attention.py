@@ -37,14 +37,14 @@ def activate(cache: PolicyCache, layer_idx: int, keys: torch.Tensor) -> None:
     _pending.set((weakref.ref(cache), layer_idx, keys))
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     pending = _pending.get()
     _pending.set(None)
     if pending is None:
         # No policy cache in this forward (a plain DynamicCache, or none): ordinary causal attention.
-        check_no_padding(attention_mask)
-        return causal_sdpa(query, key, value, scale), None
+        check_no_padding(attention_mask, sliding_window)
+        return causal_sdpa(query, key, value, scale, sliding_window), None
     reference, layer_idx, keys = pending
     cache = reference()
     if cache is None or layer_idx != module.layer_idx or keys is not key:
@@ -52,7 +52,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             f"attention of layer {module.layer_idx} was given keys that its policy cache did not return: "
             "run the model with the cache from policy.cache(model), one cache per generation"
         )
-    check_no_padding(attention_mask)
+    check_no_padding(attention_mask, sliding_window)
     output = cache.layers[layer_idx].attend(query, scale)
     cache.after_attention(layer_idx)
     return output, None

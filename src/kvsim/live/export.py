@@ -1,11 +1,12 @@
 """The exported policy file: a policy spec, its budget, the model it was tuned for, and evidence.
 
-Format (JSON, version 1):
+Format (JSON, version 2; version 1 files, whose "model" held the layer and head counts directly,
+still load):
 
-    {"kvsim_export": 1,
+    {"kvsim_export": 2,
      "policy": {...spec...},              the same spec `kvsim simulate --policy x.json` reads
      "budget": 0.1,                       fraction of the prompt, or an int token count
-     "model": {"id", "config_hash", "n_layers", "heads", "kv_heads", "head_dim"},
+     "model": {"id", "config_hash", "shape": {...}},   the `ModelShape` it was tuned for
      "provenance": {"kvsim_version", "created", "traceset": {"path", "hash"} | null,
                     "study": str | null, "trial": int | null},
      "metrics": {"simulated": {...} | null, "validated": {...} | null}}
@@ -26,48 +27,37 @@ from kvsim.errors import KvsimError
 from kvsim.paths import read_json, write_atomically
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
+from kvsim.shape import ModelShape
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
-class ModelShape:
-    """What a policy depends on in a model: its layers and heads (and, for provenance, which model)."""
+class ExportedModel:
+    """The model a policy was tuned for: its shape (what the policy depends on) and, for provenance, which model."""
 
     id: str
     config_hash: str
-    n_layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
+    shape: ModelShape
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "config_hash": self.config_hash, "shape": self.shape.to_json()}
 
     @classmethod
-    def of(cls, model_id: str, config_hash: str, config) -> ModelShape:
-        heads = config.num_attention_heads
-        return cls(
-            id=model_id,
-            config_hash=config_hash,
-            n_layers=config.num_hidden_layers,
-            heads=heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        )
+    def from_json(cls, data: dict[str, Any]) -> ExportedModel:
+        return cls(data["id"], data["config_hash"], ModelShape.from_stored(data))
 
-    def check(self, other: ModelShape) -> None:
+    def check(self, shape: ModelShape) -> None:
         """Refuse to apply a policy tuned for one architecture to another."""
-        for name in ("n_layers", "heads", "kv_heads", "head_dim"):
-            if getattr(self, name) != getattr(other, name):
-                raise KvsimError(
-                    f"this policy was tuned for {self.id} ({name} = {getattr(self, name)}) but the model has "
-                    f"{name} = {getattr(other, name)}: export a policy for this model"
-                )
+        self.shape.check_same(shape, self.id)
 
 
 @dataclass
 class ExportedPolicy:
     policy: Policy
     budget: Budget
-    model: ModelShape
+    model: ExportedModel
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=lambda: {"simulated": None, "validated": None})
 
@@ -76,7 +66,7 @@ class ExportedPolicy:
             "kvsim_export": EXPORT_VERSION,
             "policy": self.policy.to_spec(),
             "budget": self.budget.value,
-            "model": vars(self.model),
+            "model": self.model.to_json(),
             "provenance": {"kvsim_version": kvsim.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **self.provenance},
             "metrics": self.metrics,
         }
@@ -91,10 +81,10 @@ class ExportedPolicy:
     def read(cls, path: str | Path) -> ExportedPolicy:
         path = Path(path)
         data = read_json(path, "exported policy", "re-export it")
-        if not isinstance(data, dict) or data.get("kvsim_export") != EXPORT_VERSION:
+        if not isinstance(data, dict) or data.get("kvsim_export") not in READABLE_VERSIONS:
             raise KvsimError(f"{path} is not a kvsim export (version {EXPORT_VERSION}): write one with `kvsim export`")
         try:
-            model = ModelShape(**data["model"])
+            model = ExportedModel.from_json(data["model"])
             budget = Budget(data["budget"])
         except (KeyError, TypeError) as err:
             raise KvsimError(f"exported policy {path} is missing or has a malformed field ({err}): re-export it") from err

@@ -121,12 +121,13 @@ def _token_press(policy: Policy, ratio: float) -> Press:
 
 
 def build_press(policy: Policy, budget: Budget):
-    """The kvpress press object (kvpress must be installed: `pip install kvpress`)."""
+    """The kvpress press object (kvpress must be installed: `pip install "kvsim[kvpress]"`)."""
+    press = press_for(policy, budget)  # a policy without a counterpart says so, kvpress or not
     try:
         import kvpress
     except ImportError as err:
-        raise KvsimError("kvpress is not installed: `pip install kvpress` beside kvsim (it accepts transformers < 5.3)") from err
-    return _instantiate(press_for(policy, budget), kvpress)
+        raise KvsimError('kvpress is not installed: `pip install "kvsim[kvpress]"` (kvpress needs transformers < 5.3)') from err
+    return _instantiate(press, kvpress)
 
 
 def _instantiate(press: Press, module):

@@ -15,16 +15,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from kvsim.errors import KvsimError
 from kvsim.kernels import causal_attention_column_stats
+from kvsim.live.layer_base import SeenTokensLayer
 from kvsim.policies.held import KV_ELEMENT_BYTES, HeldLayer
 from kvsim.policies.rope import Rotary
 from kvsim.policies.view import CacheView
 
 
-class PolicyLayer(CacheLayerMixin):
+class PolicyLayer(SeenTokensLayer):
     is_sliding = False
 
     def __init__(self, index: int, n_layers: int, window: int, row_splits: Sequence[int] = (), rope: Rotary | None = None) -> None:
@@ -38,14 +38,7 @@ class PolicyLayer(CacheLayerMixin):
 
     # --- the transformers cache-layer interface -------------------------------------------------
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.shape[0] != 1:
-            raise KvsimError(f"the policy cache runs batch size 1, got {key_states.shape[0]}: generate one prompt at a time")
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, cache_kwargs=None):
+    def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.held is not None:
@@ -57,15 +50,6 @@ class PolicyLayer(CacheLayerMixin):
             self.keys, self.values = key_states, value_states
         self.seen += key_states.shape[2]
         return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.seen + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def adopt_prefill(self, recorded: PolicyLayer) -> None:
         """Start from another layer's recorded prefill (its tensors are shared, never written in place)."""

@@ -17,7 +17,7 @@ from kvsim.live.runner import LiveSample
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
 from kvsim.policies.scorers.kvzip import RECONSTRUCTION
-from kvsim.sim.simulate import LAYER_SCHEMA, simulate_sample, summarize
+from kvsim.sim.simulate import LAYER_SCHEMA, policy_layer_count, simulate_sample, summarize
 from kvsim.traces.models import LoadedModel
 from kvsim.traces.store import TraceSample, TraceSet
 
@@ -56,7 +56,7 @@ def validate(
     """
     check_model_matches(loaded, traceset)
     for policy, _ in pairs:
-        policy.check_traces(traceset.n_layers, traceset.meta["window"], traceset.statistics)
+        policy.check_traces(policy_layer_count(traceset), traceset.meta["window"], traceset.statistics)
     window = max(max(policy.observation_window for policy, _ in pairs), 1)
     kvzip = any(RECONSTRUCTION in policy.requirements() for policy, _ in pairs)
     rows = []

@@ -30,7 +30,10 @@ class Rotary:
         rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
         if rotary is None:
             raise KvsimError(f"{type(model).__name__} has no rotary embedding module: its RoPE cannot be read")
-        return cls(tuple(float(f) for f in rotary.inv_freq.float().tolist()), float(rotary.attention_scaling))
+        # Gemma 3 keeps one RoPE per layer type; policies decide on the full-attention layers (`kvsim.shape`).
+        prefix = "" if hasattr(rotary, "inv_freq") else "full_attention_"
+        inv_freq, scaling = getattr(rotary, f"{prefix}inv_freq"), getattr(rotary, f"{prefix}attention_scaling")
+        return cls(tuple(float(f) for f in inv_freq.float().tolist()), float(scaling))
 
     @classmethod
     def from_meta(cls, meta: dict | None) -> Rotary | None:

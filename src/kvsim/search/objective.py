@@ -41,7 +41,7 @@ from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, Budget, Policy
 from kvsim.search.space import PRESET_PREFIX, suggest_policy
 from kvsim.sim.exact import ExactEvaluator
-from kvsim.sim.simulate import PreparedSample, prepare_sample, sim_score
+from kvsim.sim.simulate import PreparedSample, policy_layer_count, prepare_sample, sim_score
 from kvsim.traces.store import TraceSet
 
 OBJECTIVES = ("quality", "pareto")
@@ -135,13 +135,13 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr(WORKER_ATTR, worker_tag())
-        policy = suggest_policy(trial, self.evaluator.traceset.n_layers, self.space)
+        policy = suggest_policy(trial, policy_layer_count(self.evaluator.traceset), self.space)
         budget = self.budget.suggest(trial) if isinstance(self.budget, BudgetRange) else self.budget
         trial.set_user_attr("policy", policy.to_spec())
         trial.set_user_attr("budget", budget.value)
         try:
             traceset = self.evaluator.traceset
-            policy.check_traces(traceset.n_layers, traceset.meta["window"], traceset.statistics)
+            policy.check_traces(policy_layer_count(traceset), traceset.meta["window"], traceset.statistics)
             proxy = self._proxy(trial, policy, budget)
         except KvsimError as err:
             trial.set_user_attr("infeasible", str(err))

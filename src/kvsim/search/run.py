@@ -39,6 +39,7 @@ from kvsim.search.split import Split, split_samples
 from kvsim.search.storage import DEFAULT_HEARTBEAT_S, StorageChoice, choose_storage, retry_orphaned_trials
 from kvsim.search.study import make_sampler, open_study
 from kvsim.sim.exact import ExactEvaluator
+from kvsim.sim.simulate import policy_layer_count
 from kvsim.traces.models import LoadedModel, load_model
 from kvsim.traces.store import TraceSet, check_mode
 
@@ -117,7 +118,7 @@ def prepare(settings: SearchSettings) -> Prepared:
     traceset = TraceSet.open(settings.traces)
     settings = replace(settings, mode=infer_mode(traceset, settings.mode))
     if settings.space == "allocation":
-        ALLOCATION_BASE.check_traces(traceset.n_layers, traceset.meta["window"])
+        ALLOCATION_BASE.check_traces(policy_layer_count(traceset), traceset.meta["window"])
     traceset.check_files(settings.mode)  # a damaged file is an error here, not a pruned trial
     split = split_samples(traceset.manifest, settings.mode, settings.validation, settings.test, settings.seed)
     highest = settings.budget.high if isinstance(settings.budget, BudgetRange) else settings.budget

@@ -11,6 +11,7 @@ import torch
 
 from kvsim.policies.rope import Rotary
 from kvsim.policies.view import CacheView
+from kvsim.shape import ModelShape
 from kvsim.traces.store import TraceSample
 
 
@@ -51,19 +52,14 @@ def grouped_matmul(per_query_head: torch.Tensor, per_kv_head: torch.Tensor) -> t
     return flat.reshape(kv_heads, group, rows, per_kv_head.shape[-1])
 
 
-def head_dim_scaling(head_dim: int) -> float:
-    # Llama, Mistral and Qwen2/3 all scale attention scores by 1/sqrt(head_dim).
-    return head_dim**-0.5
-
-
-def continuation_attention(sample: TraceSample, layer: int, window: int) -> ContinuationAttention:
+def continuation_attention(sample: TraceSample, layer: int, window: int, scaling: float) -> ContinuationAttention:
+    """`scaling`: the model's attention scale (`ModelShape.scaling`)."""
     trace = sample.layer(layer)
     keys, values = trace.k.float(), trace.v.float()
     kv_heads, total, head_dim = keys.shape
     queries = trace.q[:, window:].float()
     heads, rows, _ = queries.shape
     queries = queries.reshape(kv_heads, heads // kv_heads, rows, head_dim)
-    scaling = head_dim_scaling(head_dim)
     logits = grouped_matmul(queries, keys.transpose(-1, -2)) * scaling
     positions = torch.arange(sample.prompt_len, total)
     logits.masked_fill_(torch.arange(total)[None, :] > positions[:, None], float("-inf"))
@@ -76,21 +72,20 @@ def continuation_attention(sample: TraceSample, layer: int, window: int) -> Cont
     )
 
 
-def prefill_view(sample: TraceSample, layer: int, n_layers: int, window: int, rope: Rotary | None = None) -> CacheView:
+def prefill_view(sample: TraceSample, layer: int, shape: ModelShape, window: int, rope: Rotary | None = None) -> CacheView:
     """The cache a policy sees at the end of the prompt: all prompt tokens, the window's queries,
     the column statistics over every prompt query, and KVzip's scores when captured."""
     trace = sample.layer(layer)
     prompt = sample.prompt_len
-    head_dim = trace.k.shape[-1]
     return CacheView(
         layer=layer,
-        n_layers=n_layers,
+        n_layers=shape.n_layers,
         keys=trace.k[:, :prompt].float(),
         values=trace.v[:, :prompt].float(),
         positions=torch.arange(prompt),
         queries=trace.q[:, :window].float(),
         query_positions=torch.arange(prompt - window, prompt),
-        scaling=head_dim_scaling(head_dim),
+        scaling=shape.scaling,
         colsum=trace.colsum,
         colsq=trace.colsq,
         rope=rope,

@@ -5,6 +5,9 @@ attention, the continuation's full-cache attention) is done once (`prepare_sampl
 all policies and budgets; only one sample's tensors are in memory at a time. Search keeps its
 `PreparedSample`s for the whole study instead, so each trial pays only for its own replay.
 
+Only the full-attention layers (`ModelShape.policy_layers`) are replayed: a sliding layer holds its
+window whatever the policy, so its attention is the full cache's and it has nothing to report.
+
 `sim_score` is the single number search maximizes: 1 − the mean over layers of the relative
 attention-output error (clipped at 1), i.e. the share of the attention output the compressed
 cache preserves. It sees what recall cannot: merged and low-precision tokens that are kept but
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from kvsim.errors import KvsimError
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
 from kvsim.policies.rope import Rotary
@@ -48,7 +52,7 @@ def simulate(
 ) -> Simulation:
     budgets = [b if isinstance(b, Budget) else Budget(b) for b in budgets]
     for policy in policies:
-        policy.check_traces(traceset.n_layers, traceset.meta["window"], traceset.statistics)
+        policy.check_traces(policy_layer_count(traceset), traceset.meta["window"], traceset.statistics)
     rows = []
     for sample in traceset.samples(mode):
         rows += simulate_sample(traceset, sample, policies, budgets, oracle)
@@ -75,11 +79,23 @@ class PreparedSample:
         return replay_selection(oracle_keeps(self.fulls, budget), self.views, self.fulls)
 
 
+def policy_layer_count(traceset: TraceSet) -> int:
+    """How many layers a policy decides on (the full-attention ones); refuses a model with none."""
+    count = len(traceset.shape.policy_layers)
+    if count == 0:
+        raise KvsimError(
+            f"{traceset.root}: every layer of {traceset.meta['model']['id']} is sliding-window attention, which holds "
+            "its window whatever the policy: there is nothing to compress"
+        )
+    return count
+
+
 def prepare_sample(traceset: TraceSet, sample: TraceSample) -> PreparedSample:
-    n_layers, window = traceset.n_layers, traceset.meta["window"]
+    shape, window = traceset.shape, traceset.meta["window"]
+    policy_layer_count(traceset)
     rope = Rotary.from_meta(traceset.meta["model"].get("rope"))
-    views = [prefill_view(sample, layer, n_layers, window, rope) for layer in range(n_layers)]
-    fulls = [continuation_attention(sample, layer, window) for layer in range(n_layers)]
+    views = [prefill_view(sample, layer, shape, window, rope) for layer in shape.policy_layers]
+    fulls = [continuation_attention(sample, layer, window, shape.scaling) for layer in shape.policy_layers]
     return PreparedSample(sample, views, fulls)
 
 

@@ -109,8 +109,10 @@ def record_sample(
     starts = [compressed_len(prompt, mode) for mode in settings.modes]
     first = min(starts)
     splits = [prompt.context_end] if "query-agnostic" in settings.modes and prompt.context_end < prompt.prompt_len else []
-    recorder = ForwardRecorder(model.config.num_hidden_layers, first - settings.window, splits)
-    cache = DynamicCache(config=model.config)
+    recorder = ForwardRecorder(loaded.shape, first - settings.window, splits)
+    # No config: every layer keeps all its keys (a sliding layer's window is applied by the recorder),
+    # since the trace stores every position of every layer.
+    cache = DynamicCache()
     eos = eos_token_ids(loaded)
     ids = torch.tensor([prompt.input_ids])
     with recording(model, recorder):
@@ -122,7 +124,7 @@ def record_sample(
             rows.append(step)
             generated.append(int(step[-1].argmax()))
         model(input_ids=torch.tensor([[generated[-1]]]), past_key_values=cache, logits_to_keep=1)
-    layers = range(model.config.num_hidden_layers)
+    layers = range(loaded.shape.n_layers)
     return CapturedSample(
         prompt=prompt,
         generated=generated,
@@ -191,18 +193,19 @@ def manifest_row(sample: Sample, captured: CapturedSample, mode: str, prediction
 
 
 def traceset_metadata(loaded: LoadedModel, settings: CaptureSettings, workload: dict) -> dict:
-    """Set-level metadata stored with the manifest; see `store.RESUME_KEYS` for what must match to resume."""
-    config = loaded.model.config
-    heads = config.num_attention_heads
+    """Set-level metadata stored with the manifest; see `store.RESUME_KEYS` for what must match to resume.
+    The model's layer and head counts stay beside its shape, as format 2 readers find them."""
+    shape = loaded.shape
     model = {
         "id": loaded.source.name,
         "kind": loaded.source.kind,
         "config_hash": loaded.config_hash,
-        "model_type": config.model_type,
-        "n_layers": config.num_hidden_layers,
-        "heads": heads,
-        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "model_type": shape.model_type,
+        "n_layers": shape.n_layers,
+        "heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "shape": shape.to_json(),
         "rope": Rotary.from_model(loaded.model).to_meta(),
     }
     capture = asdict(settings)

@@ -46,11 +46,13 @@ class _Reconstruction:
         self.scores = [torch.zeros(heads, prefix) for _ in range(n_layers)]
         self.start = self.end = 0
 
-    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, window: int | None
+    ) -> torch.Tensor:
         n = query.shape[2]
         if n != key.shape[2]:  # a repeat forward over the cached prefix
             self.scores[layer][:, self.start : self.end] = self._span_maxima(query[0], key[0], scaling)
-        return causal_sdpa(query, key, value, scaling)
+        return causal_sdpa(query, key, value, scaling, window)
 
     def _span_maxima(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
         """[heads, end − start]: each span token's largest attention from any repeat query."""
@@ -74,12 +76,12 @@ class _Reconstruction:
 _active: ContextVar[_Reconstruction | None] = ContextVar("kvsim_kvzip", default=None)
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     reconstruction = _active.get()
     if reconstruction is None:
-        return causal_sdpa(query, key, value, scale), None
-    return reconstruction.attend(module.layer_idx, query, key, value, scale), None
+        return causal_sdpa(query, key, value, scale, sliding_window), None
+    return reconstruction.attend(module.layer_idx, query, key, value, scale, sliding_window), None
 
 
 AttentionInterface.register(ATTENTION_NAME, _attention)
@@ -106,11 +108,11 @@ def reconstruction_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     config = model.config
     reconstruction = _Reconstruction(config.num_hidden_layers, config.num_attention_heads, len(prefix_ids))
     with attention_routed(model, ATTENTION_NAME, _active, reconstruction):
-        cache = DynamicCache(config=config)
+        cache = DynamicCache()  # no sliding layers: they cannot crop back to the prefix (the window is masked instead)
         model(input_ids=torch.tensor([prefix_ids]), past_key_values=cache, logits_to_keep=1)
         for start, end, ids in repeat_requests(tokenizer, prefix_ids):
             reconstruction.start, reconstruction.end = start, end
             model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
-            cache.crop(len(prefix_ids))
+            cache.crop(len(prefix_ids) - cache.get_seq_length())  # back to the prefix: a negative count, as 5.2 and 5.3+ read it
     return reconstruction.scores
 

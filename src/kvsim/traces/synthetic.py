@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kvsim.kernels import causal_attention_column_stats
+from kvsim.shape import ModelShape
 from kvsim.policies.rope import Rotary
 from kvsim.traces.store import TraceSet
 
@@ -32,10 +33,11 @@ def synthetic_traceset(
 ) -> TraceSet:
     heads, total = kv_heads * group, prompt_len + continuation
     generator = torch.Generator().manual_seed(seed)
+    shape = ModelShape("synthetic", n_layers, heads, kv_heads, head_dim, head_dim**-0.5, (None,) * n_layers)
     meta = {
         "model": {
             "id": "synthetic", "config_hash": "synthetic", "model_type": "synthetic",
-            "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "n_layers": n_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "shape": shape.to_json(),
             # Llama's default RoPE (theta 10000): synthetic keys are not rotated, but rotating scorers need frequencies.
             "rope": Rotary(tuple(10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2))).to_meta(),
         },
@@ -58,7 +60,7 @@ def synthetic_traceset(
             # Spiky keys give attention real heavy hitters, as trained models have.
             keys = torch.randn(kv_heads, total, head_dim, generator=generator) * 2
             queries = torch.randn(heads, total, head_dim, generator=generator)
-            stats = causal_attention_column_stats(queries[:, :prompt_len], keys[:, :prompt_len], keys[:, :prompt_len], head_dim**-0.5)
+            stats = causal_attention_column_stats(queries[:, :prompt_len], keys[:, :prompt_len], keys[:, :prompt_len], shape.scaling)
             tensors[f"layers.{layer}.k"] = keys
             tensors[f"layers.{layer}.v"] = torch.randn(kv_heads, total, head_dim, generator=generator)
             tensors[f"layers.{layer}.q"] = queries[:, prompt_len - window :].contiguous()
