@@ -86,12 +86,17 @@ def against_best_preset(comparisons: Sequence[Comparison]) -> dict[str, Comparis
     return best
 
 
+PHRASES = {"beats": "beats", "loses": "loses to", "within noise": "is within noise of"}
+
+
 def summary_line(comparison: Comparison) -> str:
     """One plain sentence a user can act on."""
     mean, low, high = comparison.differences["answer_logprob"]
     score = comparison.differences["score"][0]
+    verbatim = comparison.winner.split("-", 1)[-1] == comparison.preset
+    found = " (the winner is that preset verbatim: the search found nothing better)" if verbatim else ""
     return (
-        f"budget {comparison.budget}: the winner {comparison.verdict} the best preset ({comparison.preset}) on "
+        f"budget {comparison.budget}: the winner {PHRASES[comparison.verdict]} the best preset ({comparison.preset}){found} on "
         f"{comparison.samples} test samples: answer log-likelihood {comparison.winner_means['answer_logprob']:.3f} vs "
         f"{comparison.preset_means['answer_logprob']:.3f} (difference {mean:+.3f}, 95% CI {low:+.3f} to {high:+.3f}); "
         f"task score {comparison.winner_means['score']:.2f} vs {comparison.preset_means['score']:.2f} ({score:+.2f}); "
