@@ -1,15 +1,11 @@
 """Entry point of the `kvsim` command; subcommands live in sibling modules."""
 
-import warnings
-
 import typer
 
 from kvsim.cli import capture, export, policies, search, simulate, traces, validate
+from kvsim.traces.models import silence_cache_rename_warning
 
-# transformers 5.24 renames `past_key_values=` to `cache=` (removal in 5.40) and warns on every
-# forward; kvsim still passes the old name so the kvpress environment (transformers < 5.3) works.
-# One warning per decode step buries the progress bars, so the command line silences that one.
-warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
+silence_cache_rename_warning()
 
 app = typer.Typer(
     name="kvsim",

@@ -40,7 +40,7 @@ from kvsim.search.storage import DEFAULT_HEARTBEAT_S, StorageChoice, choose_stor
 from kvsim.search.study import make_sampler, open_study
 from kvsim.sim.exact import ExactEvaluator
 from kvsim.sim.simulate import policy_layer_count
-from kvsim.traces.models import LoadedModel, load_model
+from kvsim.traces.models import LoadedModel, load_model, silence_cache_rename_warning
 from kvsim.traces.store import TraceSet, check_mode
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -204,6 +204,7 @@ def _run_workers(prepared: Prepared, study: optuna.Study, on_progress: Callable[
 
 def _worker(settings: SearchSettings, trials: int, index: int) -> None:
     """Entry point of a spawned worker process."""
+    silence_cache_rename_warning()
     _optimize(prepare(settings), trials, index, lambda: None)
 
 

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -263,3 +264,11 @@ def eos_token_ids(loaded: LoadedModel) -> set[int]:
     if eos is None:
         eos = loaded.tokenizer.eos_token_id
     return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def silence_cache_rename_warning() -> None:
+    """transformers 5.24 renames `past_key_values=` to `cache=` (removal in 5.40) and warns on every
+    forward; kvsim still passes the old name, which the kvpress environment (transformers < 5.3)
+    needs. One warning per decode step buries progress bars, so the command line and its worker
+    processes silence that one warning (library users keep it)."""
+    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
