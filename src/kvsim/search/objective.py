@@ -139,10 +139,6 @@ class Objective:
         budget = self.budget.suggest(trial) if isinstance(self.budget, BudgetRange) else self.budget
         trial.set_user_attr("policy", policy.to_spec())
         trial.set_user_attr("budget", budget.value)
-        if is_preset(trial) and already_scored(trial, budget):
-            # The presets run first as baselines; drawing one again teaches the sampler nothing, and a
-            # sampler that found a strong preset would otherwise keep redrawing it instead of exploring.
-            raise optuna.TrialPruned("this preset was already scored as a baseline at this budget")
         try:
             traceset = self.evaluator.traceset
             policy.check_traces(policy_layer_count(traceset), traceset.meta["window"], traceset.statistics)
@@ -190,16 +186,6 @@ class Objective:
 
 def is_preset(trial: optuna.Trial) -> bool:
     return trial.params.get("family", "").startswith(PRESET_PREFIX)
-
-
-def already_scored(trial: optuna.Trial, budget: Budget) -> bool:
-    """Whether an earlier complete trial evaluated the same preset at the same budget."""
-    family = trial.params["family"]
-    return any(
-        other.params.get("family") == family and other.user_attrs.get("budget") == budget.value
-        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if other.number != trial.number
-    )
 
 
 def promotion_threshold(trial: optuna.Trial, quantile: float) -> float | None:

@@ -1,8 +1,9 @@
 """The search space: which policy a trial evaluates, sampled from an Optuna trial.
 
-`family` is categorical over the presets (fixed, as published: the baselines search must beat)
-and `composed`, a free composition of one scorer, allocator, schedule and retention from the
-registry. Each chosen part samples its own parameters with its `suggest` (declared beside its
+A study enqueues every preset first (`preset_trials`: `family` fixed to a preset, as published:
+the baselines search must beat); every trial the sampler draws is `composed`, a free composition of
+one scorer, allocator, schedule and retention from the registry, so a strong preset cannot absorb
+the study. Each chosen part samples its own parameters with its `suggest` (declared beside its
 fields), under the prefix `<kind>.<name>.`, so parts never share a parameter name and Optuna sees
 a clean conditional space. The parts are read from the registry, so a newly registered part joins
 the composed family by itself: among them the `knots` allocator (a four-knot depth profile and a
@@ -44,14 +45,22 @@ def preset_trials() -> list[dict]:
     return [{"family": family} for family in FAMILIES if family != COMPOSED]
 
 
+def enqueued_params(trial) -> dict:
+    """The parameters `study.enqueue_trial` fixed for this trial ({} for a sampled one)."""
+    return trial.study.get_trials(deepcopy=False)[trial.number].system_attrs.get("fixed_params", {})
+
+
 def suggest_policy(trial, n_layers: int, space: str = "full") -> Policy:
     """The policy of `trial`; composed policies are named `trial-<number>`."""
     if space == "allocation":
         allocator = FreeVector.suggest_for(trial, f"allocator.{FreeVector.name}.", n_layers)
         return replace(ALLOCATION_BASE, name=f"trial-{trial.number}", allocator=allocator)
-    family = trial.suggest_categorical("family", FAMILIES)
-    if family != COMPOSED:
-        return PRESETS[family.removeprefix(PRESET_PREFIX)]
+    # Presets run once each, as enqueued baselines; every sampled trial is a composition, so a
+    # sampler that finds a strong preset cannot spend the study redrawing it.
+    if "family" in enqueued_params(trial):
+        family = trial.suggest_categorical("family", FAMILIES)
+        if family != COMPOSED:
+            return PRESETS[family.removeprefix(PRESET_PREFIX)]
     allocator = _suggest_part(trial, "allocator", ALLOCATORS, n_layers)
     scorer = _suggest_part(trial, "scorer", sorted(REGISTRY["scorer"]), n_layers)
     schedule = _suggest_part(trial, "schedule", sorted(REGISTRY["schedule"]), n_layers)
