@@ -178,7 +178,11 @@ class HeldLayer:
         )
 
     def readable_positions(self) -> list[torch.Tensor]:
-        return self.readable()[2] if self.low is not None else list(self.full.per_head(self.full.positions))
+        """Per KV head, the positions attention reads (full precision, then low), without unpacking codes."""
+        full = self.full.per_head(self.full.positions)
+        if self.low is None:
+            return list(full)
+        return [torch.cat(pair) for pair in zip(full, self.low.per_head(self.low.positions))]
 
     def kept_positions(self) -> list[torch.Tensor]:
         """Per KV head, the positions held at full precision (in order)."""
