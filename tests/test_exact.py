@@ -50,13 +50,13 @@ def test_an_exact_tier_search_runs_the_presets_first_and_ranks_by_answer_likelih
     summary = search(settings, loaded=tiny_llama).summary()
     trials = pl.read_parquet(tmp_path / "trials.parquet")
     presets = [name for name in PRESETS if name != "full"]
-    assert trials["family"].to_list()[: len(presets)] == [f"preset:{name}" for name in presets]
+    assert trials["preset"].to_list()[: len(presets)] == presets
     baseline = trials.head(len(presets)).filter(pl.col("infeasible").is_null())  # mikv holds more bytes; kvzip needs --kvzip
     assert (baseline["state"] == "COMPLETE").all() and (baseline["tier"] == "exact").all()  # never pruned
     exact = trials.filter(pl.col("tier") == "exact")
     assert exact.height > 0 and (exact["value"] == exact["answer_logprob"]).all()
-    # After the baselines every trial is a composition: the sampler cannot spend the study redrawing a preset.
-    assert (trials.slice(len(presets))["family"] == "composed").all()
+    # After the baselines every trial is sampled, and named as a composition even where it draws a preset's parts.
+    assert trials.slice(len(presets))["preset"].is_null().all()
     # Trials judged by the proxy alone say why; none of them is scored by the model.
     assert trials.filter(pl.col("tier") == "proxy")["answer_logprob"].is_null().all()
     ranked = [entry["validation"]["answer_logprob"] for entry in summary["top"]]

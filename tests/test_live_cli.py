@@ -176,7 +176,7 @@ def test_a_search_runs_winners_are_validated_on_its_test_samples_and_exported(bu
     assert summary["tier"] == "exact" and len(test) == 1 and not set(test) & set(summary["samples"]["search"])
     trials = pl.read_parquet(run / "trials.parquet")
     # The presets run first (enqueued), and the first trials are scored by the real model.
-    assert trials["family"].to_list()[:3] == ["preset:random", "preset:streaming_llm", "preset:h2o"]
+    assert trials["preset"].to_list()[:3] == ["random", "streaming_llm", "h2o"]
     assert trials.filter(pl.col("state") == "COMPLETE")["tier"].to_list() == ["exact"] * 3
     assert summary["top"][0]["validation"]["answer_logprob"] < 0
     validated = kvsim_cli("validate", "--run", run, "--top", 1, "--policy", "snapkv")

@@ -20,6 +20,7 @@ from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, Budget, load_policy_spec
 from kvsim.search import SearchSettings, search
 from kvsim.search.objective import Evaluator, Objective, checkpoints
+from kvsim.search.space import preset_trials
 from kvsim.search.split import split_samples
 from kvsim.sim import simulate
 from kvsim.sim.simulate import prepare_sample, sim_score
@@ -167,9 +168,10 @@ def test_quality_search_compares_policies_at_equal_memory(traces):
     samples = [s.sample_id for s in traceset.samples("query-aware")]
     objective = Objective(evaluator, samples, Budget(0.1))
     study = optuna.create_study(direction="maximize")
-    study.enqueue_trial({"family": "preset:mikv"})
-    study.enqueue_trial({"family": "preset:snapkv"})
+    for params, user_attrs in preset_trials():
+        if user_attrs["preset"] in ("mikv", "snapkv"):
+            study.enqueue_trial(params, user_attrs=user_attrs)
     study.optimize(objective, n_trials=2)
-    mikv, snapkv = study.trials
+    snapkv, mikv = study.trials
     assert mikv.state.name == "PRUNED" and "above the" in mikv.user_attrs["infeasible"]
     assert snapkv.state.name == "COMPLETE"

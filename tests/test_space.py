@@ -15,7 +15,7 @@ from kvsim.policies import PRESETS, Budget, Policy
 from kvsim.policies.compress import allocate
 from kvsim.policies.parts import KINDS
 from kvsim.policies.scorers.mixture import rank_normalized, z_normalized
-from kvsim.search.space import COMPOSED, suggest_policy
+from kvsim.search.space import PRESET_ATTR, preset_trials, suggest_policy
 from kvsim.sim.simulate import prepare_sample, sim_score
 from kvsim.traces.synthetic import synthetic_traceset
 
@@ -42,7 +42,7 @@ def run_study(prepared, fixed: dict, trials: int) -> tuple[optuna.Study, list[tu
         assert Policy.from_spec(policy.to_spec()) == policy
         chosen = {kind: trial.params[kind] for kind in KINDS}
         for name in trial.params:  # each parameter sits under the part that declared it
-            assert name in ("family", *KINDS) or any(name.startswith(f"{kind}.{part}.") for kind, part in chosen.items()), name
+            assert name in KINDS or any(name.startswith(f"{kind}.{part}.") for kind, part in chosen.items()), name
         try:
             _, budgets = allocate(policy, prepared.views, BUDGET, prepared.sample.prompt_len)
             outcomes = prepared.replay(policy, BUDGET)
@@ -56,7 +56,7 @@ def run_study(prepared, fixed: dict, trials: int) -> tuple[optuna.Study, list[tu
         return sim_score(outcomes)
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = optuna.samplers.PartialFixedSampler({"family": COMPOSED, **fixed}, optuna.samplers.TPESampler(seed=0))
+    sampler = optuna.samplers.PartialFixedSampler(fixed, optuna.samplers.TPESampler(seed=0))
     study = optuna.create_study(direction="maximize", sampler=sampler)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=trials)
@@ -93,3 +93,22 @@ def test_rank_and_z_normalisation_are_over_the_tokens_a_head_holds():
     held_scores = torch.tensor([3.0, 1.0, 5.0, 5.0])
     torch.testing.assert_close(z[0, [0, 1, 3, 4]], (held_scores - held_scores.mean()) / held_scores.std(unbiased=False))
     assert torch.equal(z_normalized(torch.ones(1, 4), torch.ones(1, 4, dtype=torch.bool)), torch.zeros(1, 4))
+
+
+def test_every_preset_is_a_point_of_the_search_space():
+    """Presets are enqueued as parameters of the composed space, so the sampler learns from them:
+    each must be rebuilt exactly by `suggest_policy`, under its own name."""
+    names = []
+    for params, user_attrs in preset_trials():
+        name = user_attrs[PRESET_ATTR]
+        rebuilt = suggest_policy(optuna.trial.FixedTrial(params), n_layers=30)
+        assert rebuilt.decision_key() == PRESETS[name].decision_key(), name
+        names.append(name)
+    assert names == [name for name in PRESETS if name != "full"]
+    study = optuna.create_study(direction="maximize")
+    params, user_attrs = preset_trials()[names.index("snapkv")]
+    study.enqueue_trial(params, user_attrs={PRESET_ATTR: "snapkv"})
+    assert suggest_policy(study.ask(), n_layers=30) is PRESETS["snapkv"]
+    study.enqueue_trial(params, user_attrs={PRESET_ATTR: "pyramidkv"})  # parameters that are not the named preset
+    with pytest.raises(KvsimError, match="cannot express preset 'pyramidkv'"):
+        suggest_policy(study.ask(), n_layers=30)

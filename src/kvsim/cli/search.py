@@ -31,7 +31,7 @@ def search(
     tier: str = typer.Option(
         "exact", help=f"{' or '.join(TIERS)}: rank by the real model's answer log-likelihood (proxy prunes), or by the proxy alone."
     ),
-    promote: float = typer.Option(DEFAULT_PROMOTE, help="Exact tier: proxy quantile a trial must reach to be scored by the model."),
+    promote: float = typer.Option(DEFAULT_PROMOTE, help="Exact tier: quantile of proxy scores among earlier trials with the same scorer that a trial must reach to be scored by the model."),
     storage: str | None = typer.Option(
         None, help="postgresql://user:password@host:port/db to share the study between machines; default: embedded in --out."
     ),

@@ -39,6 +39,12 @@ class Part:
         """Sample this part from an Optuna trial; parameter names start with `prefix`."""
         return cls()
 
+    def trial_params(self, prefix: str) -> dict[str, Any]:
+        """The trial parameters under which `suggest` rebuilds this part (its inverse), so a preset
+        can be enqueued as a point of the search space and the sampler learns from it. By default a
+        parameter is named after its field; parts whose `suggest` names them otherwise override this."""
+        return {f"{prefix}{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def to_spec(self) -> dict[str, Any]:
         fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {"name": self.name, **fields}

@@ -35,7 +35,8 @@ class Schedule(Part):
     def suggest(cls, trial, prefix: str) -> Schedule:
         return cls(
             sinks=trial.suggest_categorical(f"{prefix}sinks", [0, 1, 4, 16]),
-            recent=trial.suggest_categorical(f"{prefix}recent", [0, 8, 16, 32, 64]),
+            # 1: PrefixKV's protected last token
+            recent=trial.suggest_categorical(f"{prefix}recent", [0, 1, 8, 16, 32, 64]),
         )
 
 

@@ -20,7 +20,7 @@ search.json (format_version 2):
                                "search_value", "validation": {answer_logprob, answer_match, kl, top1,
                                sim_score, kv_mib}}], best first after the validation re-ranking
     presets                    every preset at the winner's budget, scored like `top` on validation
-    importances                {"all": {param: importance}, "winner_family": {"family", "values"}}
+    importances                {"all": {param: importance}, "winner_family": {"family": scorer, "values"}}
     layer_budgets              per-layer budgets relative to uniform of the winner and the presets
     settings                   every option of the run
 

@@ -10,16 +10,18 @@ tier) runs the real model teacher-forced over the compressed cache.
 - at a fixed budget (`quality`), a policy holding more KV bytes than dropping at that budget
   (`BYTE_REFERENCE`, measured on the first search sample) is infeasible: equal memory, or quantize
   retention wins by holding several times the bytes;
-- the proxy's mean `sim_score` over the search samples is reported after 2, 4, 8, ... of them
-  (growing subsets in the split's stratified order), so the pruner stops weak trials early.
-With `tier="proxy"` the trial's value is that mean. With `tier="exact"` (the default of `kvsim
-search`), a trial whose final proxy mean reaches the `promote` quantile of the proxy means of
-earlier trials (and every preset, which the study enqueues first and never prunes) is promoted: the exact tier
-scores it on every search sample and its value is the **mean answer log-likelihood** (the mean
-log-probability of the reference answer's tokens, teacher-forced after the question; task-linked
-and continuous, unlike a 0/1 score on a few samples). KL to the full cache and top-1 agreement are
-recorded beside it and break ties when winners are ranked. A trial below the quantile is pruned
-with the reason recorded, so the sampler learns the proxy's verdict.
+- with `tier="proxy"` the proxy's mean `sim_score` is the value, reported after 2, 4, 8, ... search
+  samples (growing subsets in the split's stratified order) so the pruner stops weak trials early.
+With `tier="exact"` (the default of `kvsim search`) the proxy only screens: a trial whose proxy
+mean falls below the `promote` quantile of earlier trials *with the same scorer* is pruned with the
+reason recorded (the proxy misranks scorers against each other, see `promotion_threshold`). Every
+other trial, and every preset (enqueued first, never pruned), is scored by the exact tier: its
+value is the **mean answer log-likelihood** (the mean log-probability of the reference answer's
+tokens, teacher-forced after the question; task-linked and continuous, unlike a 0/1 score on a
+few samples), reported after 2, 4, 8, ... samples so the pruner stops a trial the real model
+already judges weak. KL to the full cache and top-1 agreement are recorded beside it and break
+ties when winners are ranked. An exact evaluation of a prefill-once policy costs about 6 proxy
+replays (0.6 s against 0.1 s per 1.5K-token sample on the bundled model, one thread).
 - `pareto`: the value above and the mean KV MiB per sample, with the budget a parameter over the
   given range. Optuna's pruners are single-objective, so every trial sees every search sample.
 
@@ -39,15 +41,16 @@ import optuna
 
 from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, Budget, Policy
-from kvsim.search.space import PRESET_PREFIX, suggest_policy
+from kvsim.search.space import PRESET_ATTR, suggest_policy
 from kvsim.sim.exact import ExactEvaluator
 from kvsim.sim.simulate import PreparedSample, policy_layer_count, prepare_sample, sim_score
 from kvsim.traces.store import TraceSet
 
 OBJECTIVES = ("quality", "pareto")
 TIERS = ("exact", "proxy")
-# Trials whose proxy mean is at or above this quantile of earlier trials' are scored exactly.
-DEFAULT_PROMOTE = 0.5
+# Trials whose proxy mean is at or above this quantile of earlier trials' with the same scorer are
+# scored exactly: lenient, since the proxy only roughly orders even one scorer's compositions.
+DEFAULT_PROMOTE = 0.25
 # Below this many earlier proxy means there is no quantile to judge by: every trial is promoted.
 PROMOTE_STARTUP_TRIALS = 5
 # The memory a budget means in quality searches: what plain dropping at that budget holds.
@@ -162,39 +165,60 @@ class Objective:
             raise KvsimError(
                 f"holds {held / 2**20:.2f} MiB per sample, above the {allowed / 2**20:.2f} MiB that dropping holds at budget {budget.label}"
             )
-        steps = checkpoints(len(self.samples))
-        for step in steps[:-1]:
-            trial.report(self.evaluator.mean(policy, budget, self.samples[:step]).sim_score, step)
-            if trial.should_prune() and not is_preset(trial):  # presets are the baseline: always scored in full
-                raise optuna.TrialPruned(f"pruned after {step} samples")
-        final = self.evaluator.mean(policy, budget, self.samples)
-        trial.report(final.sim_score, steps[-1])
-        return final
+        if self.exact is not None:  # the pruner judges the exact tier's values, not the proxy's
+            return self.evaluator.mean(policy, budget, self.samples)
+        return self._growing_mean(trial, lambda step: self.evaluator.mean(policy, budget, self.samples[:step]), "sim_score")
 
     def _exact(self, trial: optuna.Trial, policy: Policy, budget: Budget) -> float:
         threshold = promotion_threshold(trial, self.promote)
         sim = trial.user_attrs["sim_score"]
         if not is_preset(trial) and threshold is not None and sim < threshold:
             trial.set_user_attr("tier", "proxy")
-            raise optuna.TrialPruned(f"proxy sim_score {sim:.4f} below the promotion threshold {threshold:.4f}")
-        result = self.exact.mean(policy, budget, self.samples)
+            raise optuna.TrialPruned(f"proxy sim_score {sim:.4f} below the promotion threshold {threshold:.4f} of its scorer family")
         trial.set_user_attr("tier", "exact")
+        result = self._growing_mean(trial, lambda step: self.exact.mean(policy, budget, self.samples[:step]), "answer_logprob")
         for name, value in asdict(result).items():
             trial.set_user_attr(name, value)
         return result.answer_logprob
 
+    def _growing_mean(self, trial: optuna.Trial, mean_over, metric: str):
+        """`mean_over(k)`, the mean over the first k search samples, reported after 2, 4, 8, ... of
+        them (the split's stratified order) so the pruner stops a weak trial early; presets, the
+        baselines, always see every sample."""
+        steps = checkpoints(len(self.samples))
+        for step in steps[:-1]:
+            trial.report(getattr(mean_over(step), metric), step)
+            if trial.should_prune() and not is_preset(trial):
+                raise optuna.TrialPruned(f"pruned after {step} samples")
+        final = mean_over(steps[-1])
+        trial.report(getattr(final, metric), steps[-1])
+        return final
 
-def is_preset(trial: optuna.Trial) -> bool:
-    return trial.params.get("family", "").startswith(PRESET_PREFIX)
+
+def is_preset(trial: optuna.Trial | optuna.trial.FrozenTrial) -> bool:
+    return PRESET_ATTR in trial.user_attrs
+
+
+def scorer_family(trial: optuna.Trial | optuna.trial.FrozenTrial) -> str | None:
+    """What a trial is compared with for promotion: trials of the same scorer (None in the
+    `allocation` space, which has one)."""
+    return trial.params.get("scorer")
 
 
 def promotion_threshold(trial: optuna.Trial, quantile: float) -> float | None:
-    """The `quantile` of the final proxy means of the study's other trials, or None while there are
-    too few of them to judge by."""
+    """The `quantile` of the final proxy means of the study's other trials with the same scorer, or
+    None while there are too few of them to judge by.
+
+    Within a scorer family, not across: the proxy replays layers on full-cache inputs and ranks
+    scorers against each other poorly (on the bundled model it ranks KeyDiff, the presets' best
+    answer log-likelihood, near the bottom: bench/results/budget_signal.md), so a study-wide
+    quantile would never promote the compositions that matter. Within one scorer it orders
+    allocations, windows and retention well enough to skip the hopeless ones."""
+    family = scorer_family(trial)
     scores = sorted(
         other.user_attrs["sim_score"]
         for other in trial.study.get_trials(deepcopy=False)
-        if other.number != trial.number and "sim_score" in other.user_attrs
+        if other.number != trial.number and "sim_score" in other.user_attrs and scorer_family(other) == family
     )
     if len(scores) < PROMOTE_STARTUP_TRIALS:
         return None

@@ -18,9 +18,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kvsim.policies import PRESETS, Budget, Policy
 from kvsim.policies.compress import allocate
-from kvsim.search.objective import WORKER_ATTR, Evaluator
+from kvsim.search.objective import WORKER_ATTR, Evaluator, scorer_family
 from kvsim.search.run import Prepared, settings_json
-from kvsim.search.space import COMPOSED, PRESET_PREFIX
+from kvsim.search.space import PRESET_ATTR
 from kvsim.sim.exact import ExactEvaluator
 
 # The best trials re-ranked on the validation samples (at least --top of them).
@@ -40,7 +40,8 @@ TRIALS_SCHEMA = {
     "top1": pl.Float64,
     "kv_mib": pl.Float64,
     "budget": pl.Float64,
-    "family": pl.String,
+    "preset": pl.String,
+    "scorer": pl.String,
     "pruned_after_samples": pl.Int64,
     "duration_s": pl.Float64,
     "worker": pl.String,
@@ -70,7 +71,8 @@ def trials_table(study: optuna.Study) -> pl.DataFrame:
             "top1": attrs.get("top1"),
             "kv_mib": attrs.get("kv_mib"),
             "budget": attrs.get("budget"),
-            "family": trial.params.get("family", COMPOSED),
+            "preset": attrs.get(PRESET_ATTR),
+            "scorer": scorer_family(trial),
             "pruned_after_samples": last_step,
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
             "worker": attrs.get(WORKER_ATTR),
@@ -150,23 +152,23 @@ def _preset_trials(study: optuna.Study, budget: Budget) -> dict[str, FrozenTrial
     """Completed trials that evaluated a preset at `budget`, by preset name."""
     found = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        family = trial.params.get("family", "")
-        if family.startswith(PRESET_PREFIX) and trial.user_attrs.get("budget") == budget.value:
-            found[family.removeprefix(PRESET_PREFIX)] = trial
+        preset = trial.user_attrs.get(PRESET_ATTR)
+        if preset is not None and trial.user_attrs.get("budget") == budget.value:
+            found[preset] = trial
     return found
 
 
-def importances(study: optuna.Study, objective: str, family: str | None = None) -> dict[str, float] | str:
-    """Optuna's parameter importances, over all trials or within one family (where `family` itself
-    is constant, so the parts and parameters that matter inside the winner's family show); a
-    string says why there are none."""
+def importances(study: optuna.Study, objective: str, scorer: str | None = None) -> dict[str, float] | str:
+    """Optuna's parameter importances, over all trials or within one scorer family (where the
+    scorer itself is constant, so the allocator, schedule and parameters that matter around the
+    winner's scorer show); a string says why there are none."""
     target = (lambda trial: trial.values[0]) if objective == "pareto" else None
     params = None
-    if family is not None:
-        trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params.get("family") == family]
-        params = sorted({name for t in trials for name in t.params} - {"family"})
+    if scorer is not None:
+        trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if scorer_family(t) == scorer]
+        params = sorted({name for t in trials for name in t.params} - {"scorer"})
         if not params:
-            return f"not available: family {family} has no parameters of its own"
+            return f"not available: the scorer {scorer} family has no parameters of its own"
         study = optuna.create_study(directions=study.directions)
         study.add_trials(trials)
     try:
@@ -201,11 +203,7 @@ def write_outputs(prepared: Prepared, study: optuna.Study, winners: list[Scored]
     for rank, entry in enumerate(winners, 1):
         spec = {"policy": entry.policy, "budget": entry.budget, **_provenance(prepared, entry)}
         top.append({"rank": rank, "spec": run.write_top_spec(rank, spec), **{k: v for k, v in spec.items() if k != "policy"}})
-    # Within the winner's family; a preset has no parameters, so then within the composed family,
-    # where the search's own choices are.
-    family = _family_of(study, winners[0].trial) if winners else None
-    if family is not None and family.startswith(PRESET_PREFIX):
-        family = COMPOSED
+    family = scorer_family(study.trials[winners[0].trial]) if winners and winners[0].trial is not None else None
     summary = summary_of(prepared, study) | {
         "top": top,
         "presets": [asdict(entry) for entry in presets],
@@ -227,12 +225,6 @@ def _provenance(prepared: Prepared, entry: Scored) -> dict:
         "search_value": entry.search_value,
         "validation": entry.validation,
     }
-
-
-def _family_of(study: optuna.Study, number: int | None) -> str | None:
-    if number is None:
-        return None
-    return study.trials[number].params.get("family", COMPOSED) if number < len(study.trials) else None
 
 
 def summary_of(prepared: Prepared, study: optuna.Study | None = None) -> dict:

@@ -110,8 +110,7 @@ def _importance_sections(summary: dict) -> list[str]:
     sections = ["<h2>Parameter importances</h2>", _importances(found.get("all", "not available: the search has not finished"))]
     family = found.get("winner_family")
     if family:
-        sections += [f"<h3>Within the family {html.escape(family['family'])} (the winner's, or the compositions when the "
-                     "winner is a preset)</h3>", _importances(family["values"])]
+        sections += [f"<h3>Among the trials with the winner's scorer, {html.escape(family['family'])}</h3>", _importances(family["values"])]
     return sections
 
 

@@ -1,9 +1,10 @@
 """The search space: which policy a trial evaluates, sampled from an Optuna trial.
 
-A study enqueues every preset first (`preset_trials`: `family` fixed to a preset, as published:
-the baselines search must beat); every trial the sampler draws is `composed`, a free composition of
-one scorer, allocator, schedule and retention from the registry, so a strong preset cannot absorb
-the study. Each chosen part samples its own parameters with its `suggest` (declared beside its
+A trial is a composition of one scorer, allocator, schedule and retention from the registry. A
+quality study first enqueues every preset (`preset_trials`), as published, as a point of this same
+space: they are the baselines search must beat, and the sampler learns from their values where
+the good regions are, so it composes around a strong preset (its scorer with another allocator, a
+mixture with it, another window) instead of only drawing it again. Each chosen part samples its own parameters with its `suggest` (declared beside its
 fields), under the prefix `<kind>.<name>.`, so parts never share a parameter name and Optuna sees
 a clean conditional space. The parts are read from the registry, so a newly registered part joins
 the composed family by itself: among them the `knots` allocator (a four-knot depth profile and a
@@ -27,45 +28,53 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, REGISTRY, Policy
 from kvsim.policies.allocators.all_tokens import AllTokens
 from kvsim.policies.allocators.free_vector import FreeVector
-from kvsim.policies.parts import Part
+from kvsim.policies.parts import KINDS, Part
 
 SPACES = ("full", "allocation")
-COMPOSED = "composed"
-PRESET_PREFIX = "preset:"
-FAMILIES = [PRESET_PREFIX + name for name in PRESETS if name != "full"] + [COMPOSED]
+# The user attribute naming the preset an enqueued trial evaluates.
+PRESET_ATTR = "preset"
 ALLOCATION_BASE = PRESETS["snapkv"]
 ALLOCATORS = sorted(name for name, cls in REGISTRY["allocator"].items() if cls is not AllTokens)
 
 
-def preset_trials() -> list[dict]:
-    """Parameters that make a trial evaluate each preset, for `study.enqueue_trial`."""
-    return [{"family": family} for family in FAMILIES if family != COMPOSED]
+def policy_params(policy: Policy) -> dict:
+    """The trial parameters under which `suggest_policy` rebuilds `policy` in the `full` space."""
+    params = {}
+    for kind in KINDS:
+        part = getattr(policy, kind)
+        params |= {kind: part.name, **part.trial_params(f"{kind}.{part.name}.")}
+    return params
 
 
-def enqueued_params(trial) -> dict:
-    """The parameters `study.enqueue_trial` fixed for this trial ({} for a sampled one)."""
-    return trial.study.get_trials(deepcopy=False)[trial.number].system_attrs.get("fixed_params", {})
+def preset_trials() -> list[tuple[dict, dict]]:
+    """(parameters, user attributes) of a trial evaluating each preset, for `study.enqueue_trial`.
+
+    Presets are enqueued as points of the composed space, not as opaque choices: the sampler then
+    sees, say, that a KeyDiff scorer scored well and draws its next compositions near it."""
+    return [(policy_params(policy), {PRESET_ATTR: name}) for name, policy in PRESETS.items() if name != "full"]
 
 
 def suggest_policy(trial, n_layers: int, space: str = "full") -> Policy:
-    """The policy of `trial`; composed policies are named `trial-<number>`."""
+    """The policy of `trial`: a preset's name when the trial was enqueued as one, else `trial-<number>`."""
+    name = f"trial-{trial.number}"
     if space == "allocation":
         allocator = FreeVector.suggest_for(trial, f"allocator.{FreeVector.name}.", n_layers)
-        return replace(ALLOCATION_BASE, name=f"trial-{trial.number}", allocator=allocator)
-    # Presets run once each, as enqueued baselines; every sampled trial is a composition, so a
-    # sampler that finds a strong preset cannot spend the study redrawing it.
-    if "family" in enqueued_params(trial):
-        family = trial.suggest_categorical("family", FAMILIES)
-        if family != COMPOSED:
-            return PRESETS[family.removeprefix(PRESET_PREFIX)]
+        return replace(ALLOCATION_BASE, name=name, allocator=allocator)
     allocator = _suggest_part(trial, "allocator", ALLOCATORS, n_layers)
     scorer = _suggest_part(trial, "scorer", sorted(REGISTRY["scorer"]), n_layers)
     schedule = _suggest_part(trial, "schedule", sorted(REGISTRY["schedule"]), n_layers)
     retention = _suggest_part(trial, "retention", sorted(REGISTRY["retention"]), n_layers)
-    return Policy(f"trial-{trial.number}", scorer, allocator, schedule, retention)
+    policy = Policy(name, scorer, allocator, schedule, retention)
+    preset = trial.user_attrs.get(PRESET_ATTR)
+    if preset is None:
+        return policy
+    if policy.decision_key() != PRESETS[preset].decision_key():
+        raise KvsimError(f"the search space cannot express preset {preset!r} (its parameters are not all suggested): this is a kvsim bug")
+    return PRESETS[preset]
 
 
 def _suggest_part(trial, kind: str, names: list[str], n_layers: int) -> Part:

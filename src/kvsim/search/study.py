@@ -62,12 +62,12 @@ def open_study(
     name: str,
     settings: dict,
     sampler: optuna.samplers.BaseSampler | None = None,
-    enqueue: Sequence[dict] = (),
+    enqueue: Sequence[tuple[dict, dict]] = (),
 ) -> optuna.Study:
     """Create the study `name`, or load it when it exists and was made with the same `settings`.
 
     `settings` must hold `objective`; the whole dict is what a resumed study must match. `enqueue`:
-    parameters of trials a new study runs first (the presets, so a reported winner is at least the
+    (parameters, user attributes) of trials a new study runs first (the presets, so a reported winner is at least the
     best preset on the search samples).
     """
     objective = settings["objective"]
@@ -84,8 +84,8 @@ def open_study(
     recorded = study.user_attrs.get(STUDY_ATTR)
     if recorded is None:
         study.set_user_attr(STUDY_ATTR, settings)
-        for params in enqueue:
-            study.enqueue_trial(params)
+        for params, user_attrs in enqueue:
+            study.enqueue_trial(params, user_attrs=user_attrs)
     elif recorded != settings:
         changed = sorted(key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key))
         raise KvsimError(

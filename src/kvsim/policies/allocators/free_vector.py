@@ -57,6 +57,9 @@ class FreeVector(Allocator):
     def suggest_for(cls, trial, prefix: str, n_layers: int) -> FreeVector:
         return cls(weights=tuple(trial.suggest_float(f"{prefix}layer{layer}", 0.1, 10.0, log=True) for layer in range(n_layers)))
 
+    def trial_params(self, prefix: str) -> dict:
+        return {f"{prefix}layer{layer}": weight for layer, weight in enumerate(self.weights)}
+
     def allocate(
         self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
     ) -> torch.Tensor:

@@ -60,6 +60,9 @@ class Knots(Allocator):
             head_strength=trial.suggest_float(f"{prefix}head_strength", 0.0, 1.0),
         )
 
+    def trial_params(self, prefix: str) -> dict:
+        return {**{f"{prefix}knot{k}": knot for k, knot in enumerate(self.knots)}, f"{prefix}head_strength": self.head_strength}
+
     def allocate(
         self, views: Sequence[CacheView], scores: Sequence[torch.Tensor], per_head: int, protected: Protected = Protected()
     ) -> torch.Tensor:

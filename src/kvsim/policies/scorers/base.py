@@ -31,6 +31,12 @@ class Scorer(Part):
         """Optional statistics the traces must hold for this scorer (names of capture options)."""
         return frozenset()
 
+    def trial_params(self, prefix: str) -> dict:
+        params = super().trial_params(prefix)
+        if getattr(self, "pool", None) == "chunk":  # `suggest_pool` names a chunk length apart from a kernel
+            params[f"{prefix}chunk"] = params.pop(f"{prefix}kernel")
+        return params
+
 
 def pool_scores(scores: torch.Tensor, how: str, kernel: int) -> torch.Tensor:
     """Smooth scores along positions so a heavy hitter's neighbours are kept with it.

@@ -69,6 +69,12 @@ class Mixture(Scorer):
             weights.append(trial.suggest_float(f"{prefix}{i}.weight", 0.05, 1.0))
         return cls(scorers=tuple(scorers), weights=tuple(weights), normalize=trial.suggest_categorical(f"{prefix}normalize", list(NORMALIZATIONS)))
 
+    def trial_params(self, prefix: str) -> dict:
+        params = {f"{prefix}components": len(self.scorers), f"{prefix}normalize": self.normalize}
+        for i, (scorer, weight) in enumerate(zip(self.scorers, self.weights)):
+            params |= {f"{prefix}{i}.scorer": scorer.name, f"{prefix}{i}.weight": weight, **scorer.trial_params(f"{prefix}{i}.{scorer.name}.")}
+        return params
+
     def score(self, view: CacheView) -> torch.Tensor:
         held = torch.ones(view.kv_heads, view.length, dtype=torch.bool) if view.present is None else view.present
         normalise = rank_normalized if self.normalize == "rank" else z_normalized
