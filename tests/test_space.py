@@ -112,3 +112,12 @@ def test_every_preset_is_a_point_of_the_search_space():
     study.enqueue_trial(params, user_attrs={PRESET_ATTR: "pyramidkv"})  # parameters that are not the named preset
     with pytest.raises(KvsimError, match="cannot express preset 'pyramidkv'"):
         suggest_policy(study.ask(), n_layers=30)
+
+
+def test_the_prefill_space_holds_only_policies_that_decide_once(prepared):
+    enqueued = [user_attrs[PRESET_ATTR] for _, user_attrs in preset_trials("prefill")]
+    assert "snapkv" in enqueued and "keydiff" in enqueued
+    assert not {"tova", "h2o", "streaming_llm", "lazy", "cake", "d2o"} & set(enqueued)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        assert suggest_policy(study.ask(), n_layers=3, space="prefill").schedule.name == "prefill"

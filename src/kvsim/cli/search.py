@@ -42,6 +42,9 @@ def search(
     test: float = typer.Option(0.25, help="Share of each task's samples kept for the live report only (`kvsim validate --run`)."),
     seed: int = typer.Option(0, help="Seed of the split and the samplers."),
     top: int = typer.Option(3, help="How many best policies to write to top/."),
+    prefill_only: bool = typer.Option(
+        False, "--prefill-only", help="Search only policies that decide once after the prompt (and those presets): ~10x cheaper per exact trial."
+    ),
     heartbeat: int = typer.Option(
         DEFAULT_HEARTBEAT_S, help="PostgreSQL: seconds between worker heartbeats; a trial silent for twice that is retried."
     ),
@@ -53,7 +56,7 @@ def search(
     settings = SearchSettings(
         traces=traces, budget=parse_budget(budget), rundir=out, study=study, trials=trials, objective=objective,
         storage=storage, workers=workers, sampler=sampler, mode=mode, seed=seed, validation=validation, test=test, top=top,
-        tier=tier, promote=promote, heartbeat_s=heartbeat,
+        tier=tier, promote=promote, heartbeat_s=heartbeat, prefill_only=prefill_only,
     )
     # The bar starts once the inputs are checked, so a bad input prints its error line alone.
     progress, bars = progress_bars(), []

@@ -66,10 +66,13 @@ class SearchSettings:
     tier: str = "exact"
     promote: float = DEFAULT_PROMOTE
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
+    prefill_only: bool = False  # compositions and presets that decide once at prefill (kvsim.search.space)
 
     @property
     def space(self) -> str:
-        return "allocation" if self.sampler == "cmaes" else "full"
+        if self.sampler == "cmaes":
+            return "allocation"
+        return "prefill" if self.prefill_only else "full"
 
     def budget_value(self) -> float | int | list:
         if isinstance(self.budget, BudgetRange):
@@ -165,7 +168,7 @@ def run_trials(
     """Add `trials` trials to the study with `workers` processes; returns the study (reloaded).
     `loaded`: the model for the exact tier in this process (spawned workers load their own)."""
     settings = prepared.settings
-    enqueue = preset_trials() if settings.space == "full" and settings.objective == "quality" else []
+    enqueue = preset_trials(settings.space) if settings.space != "allocation" and settings.objective == "quality" else []
     study = open_study(prepared.storage, settings.study, prepared.study_settings, enqueue=enqueue)
     if prepared.storage.embedded:
         retry_orphaned_trials(study)

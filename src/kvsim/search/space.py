@@ -14,8 +14,12 @@ head-competition strength, a handful of dimensions where `free_vector` has one p
 budget's bytes, so it competes at equal memory where plain `quantize` cannot). The `free_vector`
 allocator samples one weight per layer of the traced model.
 
-Two spaces:
+Three spaces:
 - `full`: the above, for TPE, GP and NSGA-II, which handle categorical and conditional parameters.
+- `prefill`: the same with the schedule fixed to `prefill` (decide once after the prompt, then
+  grow), and only the presets that do so: what most serving engines can run, and about ten times
+  cheaper per exact-tier trial, since a prefill-once cache reads the whole continuation in one
+  forward where an every-step one needs a forward per token.
 - `allocation`: only the per-layer weights of a `free_vector` allocator, under SnapKV's scorer,
   schedule and retention (the strongest prefill-once preset family on the bundled model, and a
   cheap replay). A purely continuous space of one dimension per layer is what CMA-ES is built for;
@@ -33,8 +37,9 @@ from kvsim.policies import PRESETS, REGISTRY, Policy
 from kvsim.policies.allocators.all_tokens import AllTokens
 from kvsim.policies.allocators.free_vector import FreeVector
 from kvsim.policies.parts import KINDS, Part
+from kvsim.policies.schedules import PrefillOnce
 
-SPACES = ("full", "allocation")
+SPACES = ("full", "prefill", "allocation")
 # The user attribute naming the preset an enqueued trial evaluates.
 PRESET_ATTR = "preset"
 ALLOCATION_BASE = PRESETS["snapkv"]
@@ -50,12 +55,16 @@ def policy_params(policy: Policy) -> dict:
     return params
 
 
-def preset_trials() -> list[tuple[dict, dict]]:
-    """(parameters, user attributes) of a trial evaluating each preset, for `study.enqueue_trial`.
+def preset_trials(space: str = "full") -> list[tuple[dict, dict]]:
+    """(parameters, user attributes) of a trial evaluating each preset of `space`, for `study.enqueue_trial`.
 
     Presets are enqueued as points of the composed space, not as opaque choices: the sampler then
     sees, say, that a KeyDiff scorer scored well and draws its next compositions near it."""
-    return [(policy_params(policy), {PRESET_ATTR: name}) for name, policy in PRESETS.items() if name != "full"]
+    return [
+        (policy_params(policy), {PRESET_ATTR: name})
+        for name, policy in PRESETS.items()
+        if name != "full" and (space != "prefill" or isinstance(policy.schedule, PrefillOnce))
+    ]
 
 
 def suggest_policy(trial, n_layers: int, space: str = "full") -> Policy:
@@ -66,7 +75,8 @@ def suggest_policy(trial, n_layers: int, space: str = "full") -> Policy:
         return replace(ALLOCATION_BASE, name=name, allocator=allocator)
     allocator = _suggest_part(trial, "allocator", ALLOCATORS, n_layers)
     scorer = _suggest_part(trial, "scorer", sorted(REGISTRY["scorer"]), n_layers)
-    schedule = _suggest_part(trial, "schedule", sorted(REGISTRY["schedule"]), n_layers)
+    schedules = [PrefillOnce.name] if space == "prefill" else sorted(REGISTRY["schedule"])
+    schedule = _suggest_part(trial, "schedule", schedules, n_layers)
     retention = _suggest_part(trial, "retention", sorted(REGISTRY["retention"]), n_layers)
     policy = Policy(name, scorer, allocator, schedule, retention)
     preset = trial.user_attrs.get(PRESET_ATTR)
