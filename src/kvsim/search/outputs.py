@@ -20,7 +20,7 @@ from kvsim.policies import PRESETS, Budget, Policy
 from kvsim.policies.compress import allocate
 from kvsim.search.objective import WORKER_ATTR, Evaluator, scorer_family
 from kvsim.search.run import Prepared, settings_json
-from kvsim.search.space import PRESET_ATTR
+from kvsim.search.space import PRESET_ATTR, space_presets
 from kvsim.sim.exact import ExactEvaluator
 
 # The best trials re-ranked on the validation samples (at least --top of them).
@@ -144,7 +144,8 @@ def score_on_validation(
         budget = Budget(winners[0].budget)
         drawn = _preset_trials(study, budget)
         statistics = prepared.traceset.statistics  # presets reading statistics the traces lack (kvzip) cannot run
-        presets = [scored(name, policy, budget, drawn.get(name)) for name, policy in PRESETS.items() if policy.requirements() <= statistics]
+        shown = {"full": PRESETS["full"], **space_presets(settings.space)}  # the full cache: the ceiling
+        presets = [scored(name, policy, budget, drawn.get(name)) for name, policy in shown.items() if policy.requirements() <= statistics]
     return winners, presets
 
 

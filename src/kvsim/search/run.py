@@ -173,7 +173,7 @@ def run_trials(
     if prepared.storage.embedded:
         retry_orphaned_trials(study)
     if settings.workers == 1:
-        _optimize(prepared, settings.trials, 0, lambda: on_progress(1), loaded)
+        _optimize(prepared, settings.trials, 0, lambda study: on_progress(1), loaded)
     else:
         _run_workers(prepared, study, on_progress)
     return open_study(prepared.storage, settings.study, prepared.study_settings)
@@ -208,11 +208,18 @@ def _run_workers(prepared: Prepared, study: optuna.Study, on_progress: Callable[
 def _worker(settings: SearchSettings, trials: int, index: int) -> None:
     """Entry point of a spawned worker process."""
     silence_cache_rename_warning()
-    _optimize(prepare(settings), trials, index, lambda: None)
+    parent = os.getppid()
+
+    def stop_when_orphaned(study: optuna.Study) -> None:
+        # A killed `kvsim search` takes its workers with it: each finishes its trial, then stops.
+        if os.getppid() != parent:
+            study.stop()
+
+    _optimize(prepare(settings), trials, index, stop_when_orphaned)
 
 
 def _optimize(
-    prepared: Prepared, trials: int, index: int, after_trial: Callable[[], None], loaded: LoadedModel | None = None
+    prepared: Prepared, trials: int, index: int, after_trial: Callable[[optuna.Study], None], loaded: LoadedModel | None = None
 ) -> None:
     settings = prepared.settings
     study = open_study(prepared.storage, settings.study, prepared.study_settings)
@@ -225,7 +232,7 @@ def _optimize(
         prepared.exact_evaluator(loaded), settings.promote,
     )
     with one_torch_thread():
-        study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial()], gc_after_trial=False)
+        study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial(study)], gc_after_trial=False)
 
 
 @contextlib.contextmanager

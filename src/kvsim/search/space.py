@@ -55,16 +55,21 @@ def policy_params(policy: Policy) -> dict:
     return params
 
 
+def space_presets(space: str = "full") -> dict[str, Policy]:
+    """The presets a study in `space` runs as baselines (`full` ignores the budget: never one)."""
+    return {
+        name: policy
+        for name, policy in PRESETS.items()
+        if name != "full" and (space != "prefill" or isinstance(policy.schedule, PrefillOnce))
+    }
+
+
 def preset_trials(space: str = "full") -> list[tuple[dict, dict]]:
     """(parameters, user attributes) of a trial evaluating each preset of `space`, for `study.enqueue_trial`.
 
     Presets are enqueued as points of the composed space, not as opaque choices: the sampler then
     sees, say, that a KeyDiff scorer scored well and draws its next compositions near it."""
-    return [
-        (policy_params(policy), {PRESET_ATTR: name})
-        for name, policy in PRESETS.items()
-        if name != "full" and (space != "prefill" or isinstance(policy.schedule, PrefillOnce))
-    ]
+    return [(policy_params(policy), {PRESET_ATTR: name}) for name, policy in space_presets(space).items()]
 
 
 def suggest_policy(trial, n_layers: int, space: str = "full") -> Policy:
