@@ -40,7 +40,7 @@ DEMO ?= runs/demo
 KVSIM := $(VENV)/bin/kvsim
 demo: setup
 	$(KVSIM) capture --samples 10 --mode query-aware --out $(DEMO)/traces
-	$(KVSIM) search --traces $(DEMO)/traces --budget 0.2 --trials 120 --workers 2 --study demo --out $(DEMO)
+	$(KVSIM) search --traces $(DEMO)/traces --budget 0.2 --prefill-only --trials 60 --workers 2 --study demo --out $(DEMO)
 	$(KVSIM) validate --run $(DEMO) --top 1 --policy full,keydiff,tova,snapkv,cake_prefill
 	$(KVSIM) export --run $(DEMO) --kvpress --out $(DEMO)/winner.json
 

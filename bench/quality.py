@@ -416,6 +416,9 @@ def main() -> None:
     parser.add_argument("--kvpress-samples", type=int, default=None, help="query-agnostic samples kvpress runs on (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default="runs/quality", help="captured traces and searches, reused by a re-run")
+    parser.add_argument("--part", default="0/1",
+                        help="K/N: run the held-out samples with index %% N == K; N processes share the live phase (start them once "
+                             "part 0 has logged 'searches ready'); each writes the results from every part's rows found in --workdir")
     parser.add_argument("--deadline-min", type=float, default=None,
                         help="start no further held-out sample after this many minutes (results cover the samples finished)")
     args = parser.parse_args()
@@ -451,10 +454,15 @@ def main() -> None:
     if press_names and importlib.util.find_spec("kvpress") is None:
         notes.append("kvpress is not installed here: no kvpress rows (run with .venv-kvpress/bin/python)")
         press_names = []
+    part, parts = (int(x) for x in args.part.split("/"))
+    rows_file = work / f"rows-{part}-of-{parts}.json"
+    rows_file.write_text("[]")  # this part's rows of an earlier run are not this run's
     rows: list[dict] = []
     pressed = 0
     result = {}
-    for sample in interleaved(heldout, modes, args.heldout_samples):
+    for index, sample in enumerate(interleaved(heldout, modes, args.heldout_samples)):
+        if index % parts != part:
+            continue
         if args.deadline_min is not None and time.perf_counter() - started > 60 * args.deadline_min:
             notes.append(f"deadline of {args.deadline_min:g} min reached: {sample.mode} sample {sample.sample_id} and later ones not run")
             log(notes[-1])
@@ -468,7 +476,9 @@ def main() -> None:
                 for name in press_names:
                     rows.append(kvpress_row(loaded, heldout, sample, name, kvpress_press(name, budget, 32), budget))
         log(f"{sample.mode} {sample.sample_id} done ({time.perf_counter() - started:.0f} s)")
-        tables = {mode: at_budgets(rows, mode, budgets) for mode in modes if any(r["mode"] == mode for r in rows)}
+        rows_file.write_text(json.dumps(rows))
+        every_part = [r for other in sorted(work.glob(f"rows-*-of-{parts}.json")) for r in json.loads(other.read_text())]
+        tables = {mode: at_budgets(every_part, mode, budgets) for mode in modes if any(r["mode"] == mode for r in every_part)}
         summary = {mode: summarize(table) for mode, table in tables.items()}
         result = {
             "command": "PYTHONPATH=src python bench/quality.py " + " ".join(sys.argv[1:]),
@@ -478,8 +488,9 @@ def main() -> None:
             "verdicts": {mode: verdicts(tables[mode], summary[mode]) for mode in tables},
             "summary": summary,
             "winners": winner_info,
-            "notes": notes + ([f"kvpress ran on the first {pressed} query-agnostic samples"] if press_names else []),
-            "rows": rows,
+            "notes": notes + ([f"kvpress ran on the first {args.kvpress_samples} query-agnostic samples of each of the {parts} parts"] if press_names and args.kvpress_samples else [])
+                     + ([f"the live phase ran in {parts} processes side by side (--part), each on every {parts}th sample; wall time is this part's"] if parts > 1 else []),
+            "rows": every_part,
             "machine": machine_info(load_at_start),
         }
         write_results(result)  # after every sample: a long run stopped early keeps what it measured
