@@ -40,7 +40,6 @@ import json
 import math
 import multiprocessing
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -360,20 +359,23 @@ def length_growth(rows: list[dict]) -> dict[str, dict]:
 
 
 def peak_memory_child(root: str, names: tuple[str, ...], budget: float, threads: int) -> dict:
-    """In a fresh process: the resident memory one sample's simulation adds at its peak (ru_maxrss
-    over the resident size before the sample is opened), beside the sample file's size."""
+    """In a fresh process: the resident memory one sample's simulation adds at its peak (the kernel's
+    high-water mark, reset to the current size once the TraceSet is open), beside the sample file's size."""
     torch.set_num_threads(threads)
     traceset = TraceSet.open(root)
     sample = next(traceset.samples())
-    before = resident_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current resident size
+    before = status_bytes("VmRSS")
     simulate_sample(traceset, sample, [PRESETS[name] for name in names], [Budget(budget)], oracle=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"prompt_len": sample.prompt_len, "trace_bytes": sample.bytes, "before_bytes": before, "peak_bytes": peak}
+    return {"prompt_len": sample.prompt_len, "trace_bytes": sample.bytes, "before_bytes": before, "peak_bytes": status_bytes("VmHWM")}
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (kB there)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit(f"/proc/self/status has no {field}: the memory part needs Linux")
 
 
 def measure_memory(tracesets: dict[int, TraceSet], args, progress) -> list[dict]:
@@ -646,7 +648,7 @@ def write_markdown(path: Path, tables, summary: dict, part1: dict, args, machine
         "",
         "## Targets (issue 13), side by side",
         "",
-        *markdown_table(TARGET_HEADERS, targets, left=1),
+        *markdown_table(TARGET_HEADERS, targets, left=4),
         "",
         "## 1. One policy on one sample vs the live model",
         "",
@@ -686,7 +688,7 @@ def write_markdown(path: Path, tables, summary: dict, part1: dict, args, machine
         "## 4. Peak memory of one sample's simulation (synthetic)",
         "",
         f"`simulate_sample` with {', '.join(LENGTH_POLICIES)} and the oracle in a fresh spawned process per length: "
-        "peak resident memory (ru_maxrss) minus the resident memory before the sample was opened, against the "
+        "peak resident memory (VmHWM, reset once the TraceSet is open) minus the resident memory then, against the "
         "sample file's size (float32 storage; mapped pages that are read count as resident).",
         "",
         *markdown_table(MEMORY_HEADERS, memory_lines(memory), left=1),

@@ -106,16 +106,20 @@ def continuation_attention(
     return ContinuationAttention.of(queries, keys, values, evidence, scaling, reference)
 
 
-def prefill_view(sample: TraceSample, layer: int, shape: ModelShape, window: int, rope: Rotary | None = None) -> CacheView:
+def prefill_view(
+    sample: TraceSample, layer: int, shape: ModelShape, window: int, rope: Rotary | None = None, full: ContinuationAttention | None = None
+) -> CacheView:
     """The cache a policy sees at the end of the prompt: all prompt tokens, the window's queries,
-    the column statistics over every prompt query, and KVzip's scores when captured."""
+    the column statistics over every prompt query, and KVzip's scores when captured. Given the
+    layer's `full` attention, the view's keys and values are its float32 ones (one copy, not two)."""
     trace = sample.layer(layer)
     prompt = sample.prompt_len
+    keys, values = (trace.k, trace.v) if full is None else (full.keys, full.values)
     return CacheView(
         layer=layer,
         n_layers=shape.n_layers,
-        keys=trace.k[:, :prompt].float(),
-        values=trace.v[:, :prompt].float(),
+        keys=keys[:, :prompt].float(),
+        values=values[:, :prompt].float(),
         positions=torch.arange(prompt),
         queries=trace.q[:, :window].float(),
         query_positions=torch.arange(prompt - window, prompt),

@@ -95,12 +95,12 @@ def prepare_sample(traceset: TraceSet, sample: TraceSample) -> PreparedSample:
     shape, window = traceset.shape, traceset.meta["window"]
     policy_layer_count(traceset)
     rope = Rotary.from_meta(traceset.meta["model"].get("rope"))
-    views = [prefill_view(sample, layer, shape, window, rope) for layer in shape.policy_layers]
     stored = sample.stored_reference() if traceset.stores_reference else None
     fulls = [
         continuation_attention(sample, layer, window, shape.scaling, None if stored is None else stored.layer(index))
         for index, layer in enumerate(shape.policy_layers)
     ]
+    views = [prefill_view(sample, layer, shape, window, rope, full) for layer, full in zip(shape.policy_layers, fulls)]
     return PreparedSample(sample, views, fulls)
 
 
