@@ -39,7 +39,7 @@ import torch
 from machine import machine_info  # bench/machine.py (the script's folder is on sys.path)
 from kvsim.kernels import causal_attention_column_stats_torch, masked_attention_sums_torch
 from kvsim.policies.view import CacheView
-from kvsim.sim.continuation import ContinuationAttention, grouped_matmul
+from kvsim.sim.continuation import ContinuationAttention
 from kvsim.sim.replay import replay_selection
 
 HEAD_DIM = 64
@@ -98,11 +98,7 @@ def simulator_path(queries, keys, values, scaling, readable, evidence) -> list:
     kv_heads, group, context, head_dim = queries.shape
     total = keys.shape[1]
     prompt = total - context
-    logits = grouped_matmul(queries, keys.transpose(-1, -2)) * scaling
-    logits.masked_fill_(torch.arange(total)[None, :] > torch.arange(prompt, total)[:, None], float("-inf"))
-    probs = logits.softmax(-1)
-    output = grouped_matmul(probs, values)
-    full = ContinuationAttention(prompt, queries, keys, values, logits, probs, output, evidence, scaling)
+    full = ContinuationAttention.of(queries, keys, values, evidence, scaling)
     view = CacheView(
         layer=0, n_layers=1, keys=keys[:, :prompt], values=values[:, :prompt], positions=torch.arange(prompt),
         queries=queries.reshape(kv_heads * group, context, head_dim), query_positions=torch.arange(prompt, total),

@@ -6,6 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from kvsim.cli.main import app
+from kvsim.traces.continuation import reference_tensors
 from kvsim.traces.store import TraceSet
 from kvsim.traces.synthetic import synthetic_traceset
 
@@ -42,6 +43,7 @@ def constructed_traceset(root, samples: int = 4, prompt_len: int = 256, continua
             tensors[f"layers.{layer}.k"] = keys
             tensors[f"layers.{layer}.q"] = queries
             tensors[f"layers.{layer}.v"] = 1 + torch.randn(1, total, head_dim, generator=generator)
+        tensors.update(reference_tensors(tensors, prompt_len, 64, traceset.shape))  # the full cache of the new tensors
         traceset.add(sample.row, tensors)
     return TraceSet.open(root)
 

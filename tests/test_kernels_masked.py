@@ -74,7 +74,7 @@ def test_twin_gives_block_metrics_numbers_for_prefill_selections(tmp_path):
     readable = torch.cat([prompt_keeps, torch.ones(4, 3, full.rows, dtype=torch.bool)], dim=2)
     sums = masked_attention_sums(full.queries, full.keys, full.values, full.scaling, readable, full.evidence)
     for index, keep in enumerate(readable):
-        expected, _ = block_metrics(full, slice(None), None, keep)
+        expected = block_metrics(full, torch.arange(full.total).expand(3, -1), keep)
         assert float(sums.recall[index].sum()) == pytest.approx(expected.recall, rel=1e-5, abs=1e-5)
         assert float(sums.error[index].sum()) == pytest.approx(expected.error, rel=1e-5, abs=1e-5)
         assert float(sums.evidence_kept[index].sum()) == pytest.approx(expected.evidence_kept, rel=1e-5, abs=1e-5)

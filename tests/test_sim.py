@@ -14,6 +14,7 @@ from kvsim.policies import PRESETS
 from kvsim.sim import simulate
 from kvsim.sim.continuation import continuation_attention, prefill_view
 from kvsim.sim.replay import replay_selection
+from kvsim.traces.continuation import reference_tensors
 from kvsim.traces.store import TraceSet
 from kvsim.traces.synthetic import synthetic_traceset
 
@@ -27,6 +28,7 @@ def one_head_traceset(root, keys, values, queries, prompt_len, needle=None):
     sample = next(iter(traceset))
     tensors = {name: tensor.clone() for name, tensor in sample.tensors.items()}
     tensors["layers.0.k"], tensors["layers.0.v"], tensors["layers.0.q"] = keys[None], values[None], queries[None]
+    tensors.update(reference_tensors(tensors, prompt_len, 1, traceset.shape))  # the full cache of the new tensors
     traceset.add(sample.row, tensors)
     return TraceSet.open(root)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.sim.continuation import ContinuationAttention, grouped_matmul
+from kvsim.sim.continuation import ContinuationAttention
+from kvsim.traces.continuation import grouped_matmul
 
 
 @dataclass
@@ -44,68 +45,57 @@ class MetricSums:
 
 def block_metrics(
     full: ContinuationAttention,
-    rows: slice,
-    columns: torch.Tensor | None,
+    columns: torch.Tensor,
     readable: torch.Tensor,
+    outputs: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
-) -> tuple[MetricSums, torch.Tensor]:
-    """Metrics of continuation rows `rows` when attention reads only some tokens.
+) -> MetricSums:
+    """Metrics of all continuation rows when attention reads only some tokens.
 
-    columns: [kv_heads, m] positions per KV head that attention may read (padding allowed), or
-        None for every position (m = T, no gathering);
-    readable: [kv_heads, m] bool marking the real ones, or [kv_heads, r, m] when it differs by row
+    columns: [kv_heads, m] positions per KV head that attention may read (padding allowed);
+    readable: [kv_heads, m] bool marking the real ones, or [kv_heads, C, m] when it differs by row
         (future positions are masked regardless).
+    outputs: [kv_heads, group, C, d] the compressed attention outputs when computed elsewhere (by
+        the decode engine, which read `readable`), else computed here over the columns, with
     keys, values: [kv_heads, m, d] at those columns when retention rewrote them, else None.
     Work grows with m, not with the sequence: a prefill-once policy at a 10% budget passes only
-    its kept prompt tokens and the continuation.
-    Returns the sums and the compressed attention probabilities [kv_heads, group, r, m], which
-    every-step replays feed back into accumulated scores.
+    its kept prompt tokens and the continuation; the full cache enters through its stored output
+    and log-sum-exp.
     """
-    kv_heads, group, _, head_dim = full.queries.shape
-    queries = full.queries[:, :, rows]
-    at_columns = _gatherer(columns, kv_heads, group, queries.shape[2])
-    full_logits = at_columns(full.logits[:, :, rows])
-    logits = full_logits
-    if keys is not None:
-        logits = grouped_matmul(queries, keys.transpose(-1, -2)) * full.scaling
-        logits = logits.masked_fill(torch.isinf(full_logits), float("-inf"))
+    full_logits = full.logits_at(columns)
     visible = _visible(readable)
-    probs = compressed_probs(logits, readable)
-    if values is None:
-        values = full.values if columns is None else full.values.gather(1, columns[..., None].expand(-1, -1, head_dim))
-    output = grouped_matmul(probs, values)
-    kept_mass = at_columns(full.probs[:, :, rows]) * visible
-    evidence = full.evidence if columns is None else full.evidence[columns][:, None, None, :]
-    return _sums(full, rows, output, kept_mass, evidence), probs
+    if outputs is None:
+        logits = full_logits
+        if keys is not None:
+            logits = grouped_matmul(full.queries, keys.transpose(-1, -2)) * full.scaling
+            logits = logits.masked_fill(torch.isinf(full_logits), float("-inf"))
+        if values is None:
+            values = full.values.gather(1, columns[..., None].expand(-1, -1, full.values.shape[-1]))
+        outputs = grouped_matmul(compressed_probs(logits, readable), values)
+    kept_mass = full.probs_at(full_logits) * visible
+    return _sums(full, outputs.float(), kept_mass, full.evidence[columns][:, None, None, :])
 
 
-def row_metrics(full: ContinuationAttention, row: int, output: torch.Tensor, readable: torch.Tensor) -> MetricSums:
-    """Metrics of one continuation row whose compressed attention output [kv_heads, group, 1, d]
-    was computed elsewhere (by the decode engine), with `readable` [kv_heads, T] what it could read."""
-    rows = slice(row, row + 1)
-    kept_mass = full.probs[:, :, rows] * readable[:, None, None, :]
-    return _sums(full, rows, output.float(), kept_mass, full.evidence)
-
-
-def _sums(full: ContinuationAttention, rows: slice, output: torch.Tensor, kept_mass: torch.Tensor, evidence: torch.Tensor) -> MetricSums:
-    reference = full.output[:, :, rows]
+def _sums(full: ContinuationAttention, output: torch.Tensor, kept_mass: torch.Tensor, evidence: torch.Tensor) -> MetricSums:
+    reference = full.output
     error = (output - reference).norm(dim=-1) / reference.norm(dim=-1).clamp(min=1e-12)
     return MetricSums(
         recall=float(kept_mass.sum()),
         error=float(error.sum()),
         evidence_kept=float((kept_mass * evidence).sum()),
-        evidence_total=float(full.probs[:, :, rows][..., full.evidence].sum()),
+        evidence_total=float(full.evidence_mass.sum()),
         count=error.numel(),
     )
 
 
-def _gatherer(columns: torch.Tensor | None, kv_heads: int, group: int, rows: int):
-    """A function taking [kv_heads, group, rows, T] to the chosen columns (identity for None)."""
-    if columns is None:
-        return lambda tensor: tensor
-    index = columns[:, None, None, :].expand(kv_heads, group, rows, columns.shape[1])
-    return lambda tensor: tensor.gather(-1, index)
+def readable_columns(readable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's readable positions of a [kv_heads, T] mask, in order, padded to the widest head:
+    (columns [kv_heads, m] int64, real [kv_heads, m] bool marking the non-padding ones)."""
+    counts = readable.sum(dim=1)
+    width = int(counts.max())
+    columns = torch.sort(readable.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
+    return columns, torch.arange(width)[None, :] < counts[:, None]
 
 
 def compressed_probs(logits: torch.Tensor, readable: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from kvsim.sim.continuation import ContinuationAttention
 def oracle_keeps(fulls: Sequence[ContinuationAttention], budget: Budget) -> list[torch.Tensor]:
     """[kv_heads, prompt_len] kept masks per layer."""
     prompt = fulls[0].prompt_len
-    mass = torch.stack([full.probs[..., :prompt].sum(dim=(1, 2)) for full in fulls])  # [L, kv, P]
+    mass = torch.stack([full.prompt_mass.sum(1) for full in fulls])  # [L, kv, P]
     layers, kv_heads, _ = mass.shape
     chosen = mass.flatten().topk(budget.total(prompt, layers, kv_heads)).indices
     keep = torch.zeros(mass.numel(), dtype=torch.bool)

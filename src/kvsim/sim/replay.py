@@ -23,7 +23,7 @@ from kvsim.policies.policy import Policy
 from kvsim.policies.retention import Drop, Retention
 from kvsim.policies.view import CacheView
 from kvsim.sim.continuation import ContinuationAttention
-from kvsim.sim.metrics import MetricSums, block_metrics, row_metrics
+from kvsim.sim.metrics import MetricSums, block_metrics, readable_columns
 
 @dataclass
 class LayerOutcome:
@@ -63,20 +63,16 @@ def replay_selection(
 
 def _prefill_once(retention: Retention, view: CacheView, full: ContinuationAttention, keep: torch.Tensor, evicted: torch.Tensor) -> LayerOutcome:
     retained = retention.retain(view.keys, view.values, keep, evicted)
-    readable = keep | retained.low_precision
     # Each head's readable prompt positions first (in order), padding after; then the continuation.
-    counts = readable.sum(dim=1)
-    width = int(counts.max())
-    prompt_columns = torch.sort(readable.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
-    prompt_readable = torch.arange(width)[None, :] < counts[:, None]
+    prompt_columns, prompt_readable = readable_columns(keep | retained.low_precision)
     continuation = torch.arange(view.length, full.total).expand(view.kv_heads, -1)
     columns = torch.cat([prompt_columns, continuation], dim=1)
-    readable_columns = torch.cat([prompt_readable, torch.ones_like(continuation, dtype=torch.bool)], dim=1)
+    readable = torch.cat([prompt_readable, torch.ones_like(continuation, dtype=torch.bool)], dim=1)
     keys = values = None
     if retained.keys is not view.keys or retained.values is not view.values:
         keys = _at(torch.cat([retained.keys, full.keys[:, view.length :]], dim=1), columns)
         values = _at(torch.cat([retained.values, full.values[:, view.length :]], dim=1), columns)
-    sums, _ = block_metrics(full, slice(None), columns, readable_columns, keys, values)
+    sums = block_metrics(full, columns, readable, keys=keys, values=values)
     return _outcome(retention, view, sums, int(keep.sum()), int(retained.low_precision.sum()))
 
 
@@ -100,23 +96,22 @@ def replay_stepwise(
     layer = HeldLayer.after_prefill(policy, view, keep, budgets, max(policy.observation_window, 1), torch.float32)
     held_after_prefill = layer.held_tokens()
     heads, head_dim = view.heads, view.keys.shape[-1]
-    sums = MetricSums()
+    readable = torch.zeros(view.kv_heads, full.rows, full.total, dtype=torch.bool)
+    outputs = []
     for row in range(full.rows):
         position = full.prompt_len + row
         layer.append(full.keys[:, position : position + 1], full.values[:, position : position + 1])
-        readable = _readable_mask(layer.readable_positions(), full.total)
-        output = layer.attend(full.queries[:, :, row : row + 1].reshape(heads, 1, head_dim))
-        sums.add(row_metrics(full, row, output.reshape(full.queries[:, :, row : row + 1].shape), readable))
+        positions = layer.readable_positions()
+        head = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor([len(p) for p in positions]))
+        readable[head, row, torch.cat(positions)] = True
+        outputs.append(layer.attend(full.queries[:, :, row : row + 1].reshape(heads, 1, head_dim)))
         on_row(row, layer)
+    # The metrics of all rows at once, over every position some row could read.
+    columns, real = readable_columns(readable.any(1))
+    per_row = readable.gather(2, columns[:, None, :].expand(-1, full.rows, -1)) & real[:, None, :]
+    outputs = torch.cat(outputs, dim=1).reshape(full.output.shape)
+    sums = block_metrics(full, columns, per_row, outputs=outputs)
     return _outcome(policy.retention, view, sums, *held_after_prefill)
-
-
-def _readable_mask(positions: list[torch.Tensor], total: int) -> torch.Tensor:
-    """[kv_heads, total] bool from each head's readable positions."""
-    mask = torch.zeros(len(positions), total, dtype=torch.bool)
-    for head, held in enumerate(positions):
-        mask[head, held] = True
-    return mask
 
 
 def _outcome(retention: Retention, view: CacheView, sums: MetricSums, kept: int, low: int) -> LayerOutcome:

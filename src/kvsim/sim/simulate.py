@@ -1,7 +1,8 @@
 """`simulate(traceset, policies, budgets)`: every policy at every budget on every sample, as tables.
 
 Per sample, the work no policy changes (loading the trace, the prefill views with their window
-attention, the continuation's full-cache attention) is done once (`prepare_sample`) and shared by
+attention, the continuation's full-cache attention: read from format 4 TraceSets, computed for
+older ones) is done once (`prepare_sample`) and shared by
 all policies and budgets; only one sample's tensors are in memory at a time. Search keeps its
 `PreparedSample`s for the whole study instead, so each trial pays only for its own replay.
 
@@ -94,8 +95,12 @@ def prepare_sample(traceset: TraceSet, sample: TraceSample) -> PreparedSample:
     shape, window = traceset.shape, traceset.meta["window"]
     policy_layer_count(traceset)
     rope = Rotary.from_meta(traceset.meta["model"].get("rope"))
-    views = [prefill_view(sample, layer, shape, window, rope) for layer in shape.policy_layers]
-    fulls = [continuation_attention(sample, layer, window, shape.scaling) for layer in shape.policy_layers]
+    stored = sample.stored_reference() if traceset.stores_reference else None
+    fulls = [
+        continuation_attention(sample, layer, window, shape.scaling, None if stored is None else stored.layer(index))
+        for index, layer in enumerate(shape.policy_layers)
+    ]
+    views = [prefill_view(sample, layer, shape, window, rope, full) for layer, full in zip(shape.policy_layers, fulls)]
     return PreparedSample(sample, views, fulls)
 
 

@@ -19,6 +19,8 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 import kvsim
 from kvsim.errors import KvsimError
 from kvsim.policies.rope import Rotary
+from kvsim.shape import ModelShape
+from kvsim.traces.continuation import reference_tensors
 from kvsim.traces.kvzip import reconstruction_scores
 from kvsim.traces.models import LoadedModel, context_length, eos_token_ids
 from kvsim.traces.prompt import RenderedPrompt, render_prompt
@@ -143,7 +145,7 @@ def record_sample(
     )
 
 
-def sample_tensors(captured: CapturedSample, mode: str, settings: CaptureSettings) -> dict[str, torch.Tensor]:
+def sample_tensors(captured: CapturedSample, mode: str, settings: CaptureSettings, shape: ModelShape) -> dict[str, torch.Tensor]:
     """The tensors of one mode's sample file (format: README, `store.expected_shapes`)."""
     dtype = STORAGE_DTYPES[settings.storage_dtype]
     start = compressed_len(captured.prompt, mode)
@@ -168,6 +170,7 @@ def sample_tensors(captured: CapturedSample, mode: str, settings: CaptureSetting
         tensors[f"layers.{i}.colsq"] = captured.colsq[i][column_groups].sum(0)[:, :start].contiguous()
         if mode in captured.reconstruction:
             tensors[f"layers.{i}.kvzip"] = captured.reconstruction[mode][i].contiguous()
+    tensors.update(reference_tensors(tensors, start, settings.window, shape))
     return tensors
 
 
@@ -259,6 +262,6 @@ def capture_traceset(
         prediction = loaded.tokenizer.decode(captured.generated, skip_special_tokens=True)
         report("write", sample)
         for mode in missing:
-            traceset.add(manifest_row(sample, captured, mode, prediction), sample_tensors(captured, mode, settings))
+            traceset.add(manifest_row(sample, captured, mode, prediction), sample_tensors(captured, mode, settings, loaded.shape))
         report("captured", sample)
     return traceset

@@ -32,14 +32,19 @@ from safetensors.torch import save_file
 from kvsim.errors import KvsimError
 from kvsim.paths import sha256_file, write_atomically
 from kvsim.shape import ModelShape
+from kvsim.traces.continuation import ContinuationReference
 from kvsim.traces.tensorfile import ChecksumMismatch, TensorFileError, map_tensors, read_header
 
 # 2: the model's RoPE frequencies in the metadata (`model.rope`) and, when captured with --kvzip
 # (`kvzip: true`), KVzip's reconstruction scores per layer (`layers.<i>.kvzip`).
 # 3: the model's `ModelShape` under `model.shape`; format 2 sets still load, their shape derived from
 # the model's layer and head counts (every layer full attention, scale 1/sqrt(head_dim), as captured).
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# 4: the continuation's full-cache attention of the full-attention layers (`continuation.output`,
+# `continuation.lse`, `continuation.prompt_mass`, `kvsim.traces.continuation`); the simulator
+# recomputes it for format 2 and 3 sets.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
+REFERENCE_FROM_VERSION = 4
 MANIFEST = "manifest.parquet"
 SAMPLES_DIR = "samples"
 METADATA_KEY = "kvsim"
@@ -138,6 +143,16 @@ class TraceSample:
     @property
     def input_ids(self) -> torch.Tensor:
         return self.tensors["input_ids"]
+
+    def stored_reference(self) -> ContinuationReference:
+        """The continuation's full-cache attention as capture stored it (format 4), stacked over the
+        full-attention layers: [policy layers, heads, ...] (`kvsim.traces.continuation`)."""
+        t = self.tensors
+        names = [f"continuation.{part}" for part in ("output", "lse", "prompt_mass")]
+        missing = [name for name in names if name not in t]
+        if missing:
+            raise KvsimError(f"{self.path} has no tensor {missing[0]}: run `kvsim traces verify {self.path.parent.parent}` and re-capture")
+        return ContinuationReference(*(t[name] for name in names))
 
 
 # Files whose bytes matched their manifest checksum in this process: (path, size, mtime, sha256).
@@ -247,6 +262,11 @@ class TraceSet:
     @property
     def n_layers(self) -> int:
         return self.shape.n_layers
+
+    @property
+    def stores_reference(self) -> bool:
+        """Whether the sample files hold the continuation's full-cache attention (format 4 on)."""
+        return self.meta["format_version"] >= REFERENCE_FROM_VERSION
 
     @property
     def statistics(self) -> frozenset[str]:
@@ -367,4 +387,9 @@ def expected_shapes(meta: dict, row: dict) -> dict[str, list[int]]:
         shapes[f"layers.{layer}.colsq"] = [heads, prompt]
         if meta.get("kvzip"):
             shapes[f"layers.{layer}.kvzip"] = [heads, prompt]
+    policy_layers = len(shape.policy_layers)
+    if meta["format_version"] >= REFERENCE_FROM_VERSION and policy_layers:
+        shapes["continuation.output"] = [policy_layers, heads, continuation, head_dim]
+        shapes["continuation.lse"] = [policy_layers, heads, continuation]
+        shapes["continuation.prompt_mass"] = [policy_layers, heads, prompt]
     return shapes

@@ -1,6 +1,8 @@
 """Random TraceSets with the exact format of a capture, for tests and for benchmarks at lengths no
 CPU capture reaches (8K+ tokens). Keys, values and queries are random; the column statistics are
-computed from them exactly, so they are consistent with the stored queries and keys."""
+computed from them exactly, so they are consistent with the stored queries and keys. With
+`reference=False` the set is written in format 3, without the continuation's full-cache attention,
+as older captures are (the simulator then recomputes it)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from kvsim.kernels import causal_attention_column_stats
 from kvsim.shape import ModelShape
 from kvsim.policies.rope import Rotary
+from kvsim.traces.continuation import reference_tensors
 from kvsim.traces.store import TraceSet
 
 
@@ -30,6 +33,7 @@ def synthetic_traceset(
     seed: int = 0,
     mode: str = "query-aware",
     kvzip: bool = True,
+    reference: bool = True,
 ) -> TraceSet:
     heads, total = kv_heads * group, prompt_len + continuation
     generator = torch.Generator().manual_seed(seed)
@@ -47,6 +51,7 @@ def synthetic_traceset(
         "max_new_tokens": continuation,
         "workload": {"spec": "synthetic", "seed": seed},
         "kvzip": kvzip,
+        **({} if reference else {"format_version": 3}),
     }
     traceset = TraceSet.create(root, meta)
     for index in range(samples):
@@ -68,6 +73,8 @@ def synthetic_traceset(
             tensors[f"layers.{layer}.colsq"] = stats.colsq[0]
             if kvzip:  # random stand-ins for KVzip's reconstruction scores (attention maxima in [0, 1])
                 tensors[f"layers.{layer}.kvzip"] = torch.rand(heads, prompt_len, generator=generator)
+        if reference:
+            tensors.update(reference_tensors(tensors, prompt_len, window, shape))
         spans = [list(needle)] if needle else []
         row = {
             "sample_id": f"synthetic-{index:04d}",
