@@ -74,6 +74,8 @@ MIXED_PRECISION = [
         PrefillOnce(sinks=1, recent=4),
         MixedPrecision(nbits=4, full_share=0.3),
     ),
+    # Keys and values at their own widths per depth group (KVTuner-style).
+    Policy("window-layerwise-bits", WindowAttention(window=8), Uniform(), PrefillOnce(recent=4), MixedPrecision(full_share=0.4, key_bits=(8, 2), value_bits=(4, 2))),
     COMPOSED_STEPWISE[-1],
 ]
 

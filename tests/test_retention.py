@@ -3,12 +3,14 @@ tokens a retention that spends the budget's bytes keeps at low precision."""
 
 from dataclasses import replace
 
+import pytest
 import torch
 
+from kvsim.errors import KvsimError
 from kvsim.policies import Policy
 from kvsim.policies.allocators.uniform import Uniform
 from kvsim.policies.held import handed_to_retention, kv_bytes, token_bytes
-from kvsim.policies.retention import Drop, Merge, MixedPrecision, Quantize, fake_quantize
+from kvsim.policies.retention import Drop, LowBits, Merge, MixedPrecision, Quantize, fake_quantize
 from kvsim.policies.schedules import PrefillOnce
 from kvsim.policies.scorers.recency import Recency
 from kvsim.policies.view import CacheView
@@ -60,7 +62,7 @@ def test_mixed_precision_spends_the_leftover_bytes_on_the_next_best_tokens():
     # head_dim 16 at 2 bits: 64 bytes a full token, 2 · (4 + 4) = 16 a low one, so each full token
     # given up buys four low ones.
     retention = MixedPrecision(nbits=2, full_share=0.5)
-    assert (token_bytes(16), token_bytes(16, 2)) == (64, 16)
+    assert (token_bytes(16), token_bytes(16, LowBits(2, 2))) == (64, 16)
     budgets = torch.tensor([10, 3])
     assert retention.full_budgets(budgets).tolist() == [5, 2]  # round half to even: 1.5 -> 2
     assert retention.low_budgets(budgets, retention.full_budgets(budgets), 64, 16).tolist() == [20, 4]
@@ -76,8 +78,31 @@ def test_mixed_precision_spends_the_leftover_bytes_on_the_next_best_tokens():
     # The next-best by recency: head 0 the 20 positions before its newest 3, head 1 the newest 4.
     assert low[0].nonzero().flatten().tolist() == list(range(n - 23, n - 3))
     assert low[1].nonzero().flatten().tolist() == list(range(n - 4, n))
-    held = kv_bytes(int(kept.sum()), int(low.sum()), 16, 2)
+    held = kv_bytes(int(kept.sum()), int(low.sum()), 16, LowBits(2, 2))
     assert held <= kv_bytes(int(budgets.sum()), 0, 16, None)
     assert not (low & kept).any()
     # Dropping, merging and plain quantizing receive every evicted token.
     assert torch.equal(handed_to_retention(replace(policy, retention=Drop()), view, kept, budgets), ~kept)
+
+
+def test_mixed_precision_gives_keys_and_values_their_own_bit_widths_per_depth_group():
+    """KVTuner-style widths: two depth groups of a 30-layer model, keys wider than values in the
+    shallow half; a wider layer's low-precision token costs more, so the same bytes buy fewer."""
+    retention = MixedPrecision(full_share=0.5, key_bits=(8, 2), value_bits=(4, 2))
+    assert [retention.bits(layer, 30) for layer in (0, 14, 15, 29)] == [LowBits(8, 4), LowBits(8, 4), LowBits(2, 2), LowBits(2, 2)]
+    assert MixedPrecision(nbits=3).bits(7, 30) == LowBits(3, 3)
+    # head_dim 64: 64 + 32 code bytes + 4 scale/zero pairs' bytes (8) = 104, against 2·(16 + 4) = 40 at 2 bits.
+    shallow, deep = token_bytes(64, retention.bits(0, 30)), token_bytes(64, retention.bits(29, 30))
+    assert (shallow, deep) == (104, 40)
+    budgets = torch.tensor([40])
+    full = retention.full_budgets(budgets)
+    assert retention.low_budgets(budgets, full, token_bytes(64), shallow).item() < retention.low_budgets(budgets, full, token_bytes(64), deep).item()
+    keys = torch.randn(1, 6, 64)
+    evicted = torch.tensor([[False, False, True, True, True, True]])
+    shallow_keys = retention.retain(keys, keys, ~evicted, evicted, 0, 30).keys
+    deep_keys = retention.retain(keys, keys, ~evicted, evicted, 29, 30).keys
+    assert (shallow_keys - keys).abs().max() < (deep_keys - keys).abs().max()  # 8 bits rounds finer than 2
+    with pytest.raises(KvsimError, match="key_bits and value_bits go together"):
+        MixedPrecision(key_bits=(4,))
+    with pytest.raises(KvsimError, match=r"value_bits must be bit widths in \[1, 8\]"):
+        MixedPrecision(key_bits=(4,), value_bits=(9,))

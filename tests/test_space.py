@@ -15,7 +15,14 @@ from kvsim.policies import PRESETS, Budget, Policy
 from kvsim.policies.compress import allocate
 from kvsim.policies.parts import KINDS
 from kvsim.policies.scorers.mixture import rank_normalized, z_normalized
-from kvsim.search.space import PRESET_ATTR, preset_trials, suggest_policy
+from kvsim.policies.allocators.free_vector import FreeVector
+from kvsim.policies.allocators.knots import Knots
+from kvsim.policies.retention import MixedPrecision
+from kvsim.policies.schedules import PrefillOnce
+from kvsim.policies.scorers.key_diff import KeyDiff
+from kvsim.policies.scorers.mixture import Mixture
+from kvsim.policies.scorers.window_attention import WindowAttention
+from kvsim.search.space import PRESET_ATTR, policy_params, preset_trials, suggest_policy
 from kvsim.sim.simulate import prepare_sample, sim_score
 from kvsim.traces.synthetic import synthetic_traceset
 
@@ -121,3 +128,21 @@ def test_the_prefill_space_holds_only_policies_that_decide_once(prepared):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         assert suggest_policy(study.ask(), n_layers=3, space="prefill").schedule.name == "prefill"
+
+
+def test_parts_that_name_their_trial_parameters_apart_from_their_fields_round_trip():
+    """`trial_params` is the inverse of `suggest` where the names differ from the fields: knots,
+    per-layer weights, nested mixtures, chunk lengths and per-depth bit widths."""
+    policies = [
+        Policy(
+            "composed",
+            Mixture(scorers=(WindowAttention(window=16, pool="chunk", kernel=10), KeyDiff()), weights=(0.3, 0.9), normalize="z"),
+            Knots(knots=(0.5, 2.0, 1.0, 4.0), head_strength=0.25),
+            PrefillOnce(sinks=4, recent=16),
+            MixedPrecision(full_share=0.4, key_bits=(8, 2), value_bits=(4, 2)),
+        ),
+        Policy("vector", KeyDiff(), FreeVector(weights=(1.0, 0.5, 2.0)), PrefillOnce(), MixedPrecision(nbits=3, full_share=0.6)),
+    ]
+    for policy in policies:
+        rebuilt = suggest_policy(optuna.trial.FixedTrial(policy_params(policy)), n_layers=3)
+        assert rebuilt.decision_key() == policy.decision_key(), policy.name

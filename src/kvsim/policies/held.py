@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from kvsim.policies.compress import select
 from kvsim.policies.lowbit import PackedTokens, packed_dim
+from kvsim.policies.retention import LowBits
 from kvsim.policies.policy import Policy
 from kvsim.policies.rope import Rotary
 from kvsim.policies.view import CacheView
@@ -35,15 +36,16 @@ from kvsim.policies.view import CacheView
 KV_ELEMENT_BYTES = 2
 
 
-def token_bytes(head_dim: int, bits: int | None = None) -> int:
-    """Bytes one token costs one KV head (key and value): full precision, or `bits`-bit packed codes
-    plus a scale and a zero point per token (see `kvsim.policies.lowbit`)."""
+def token_bytes(head_dim: int, bits: LowBits | None = None) -> int:
+    """Bytes one token costs one KV head (key and value): full precision, or packed codes at the
+    key's and the value's bit widths, each with a scale and a zero point per token (see
+    `kvsim.policies.lowbit`)."""
     if bits is None:
         return 2 * head_dim * KV_ELEMENT_BYTES
-    return 2 * (packed_dim(head_dim, bits) + 2 * KV_ELEMENT_BYTES)
+    return packed_dim(head_dim, bits.keys) + packed_dim(head_dim, bits.values) + 4 * KV_ELEMENT_BYTES
 
 
-def kv_bytes(full_tokens: int, low_tokens: int, head_dim: int, bits: int | None) -> int:
+def kv_bytes(full_tokens: int, low_tokens: int, head_dim: int, bits: LowBits | None) -> int:
     """Bytes a layer holds for `full_tokens` full-precision and `low_tokens` low-precision tokens
     (summed over KV heads). The ragged layout adds nothing, so this is exact."""
     return full_tokens * token_bytes(head_dim) + (low_tokens * token_bytes(head_dim, bits) if low_tokens else 0)
@@ -60,7 +62,7 @@ def handed_to_retention(policy: Policy, view: CacheView, kept: torch.Tensor, bud
     evicted = ~kept if view.present is None else view.present & ~kept
     retention, head_dim = policy.retention, view.keys.shape[-1]
     full = kept.sum(1)
-    low = None if budgets is None else retention.low_budgets(budgets, full, token_bytes(head_dim), token_bytes(head_dim, retention.bits()))
+    low = None if budgets is None else retention.low_budgets(budgets, full, token_bytes(head_dim), token_bytes(head_dim, retention.bits(view.layer, view.n_layers)))
     if low is None:
         return evicted
     if not bool(low.any()):
@@ -301,7 +303,7 @@ class HeldLayer:
     def shrink(self, view: CacheView, kept: torch.Tensor, evicted: torch.Tensor, dtype: torch.dtype) -> None:
         """Hold `kept` [kv, n] of `view`'s tokens at full precision and hand `evicted` to the retention."""
         retention = self.policy.retention
-        retained = retention.retain(view.keys.float(), view.values.float(), kept, evicted)
+        retained = retention.retain(view.keys.float(), view.values.float(), kept, evicted, view.layer, view.n_layers)
         self.full = Segments.from_mask(retained.keys.to(dtype), retained.values.to(dtype), view.positions, kept)
         if self.stepwise:
             group = view.heads // view.kv_heads
@@ -310,11 +312,11 @@ class HeldLayer:
             self.window_queries = view.queries[:, view.queries.shape[1] - self.window_queries.shape[1] :].float()
         low = retained.low_precision
         if bool(low.any()):
-            self._keep_low_precision(view, low, retention.bits(), dtype)
+            self._keep_low_precision(view, low, retention.bits(view.layer, view.n_layers), dtype)
 
-    def _keep_low_precision(self, view: CacheView, low: torch.Tensor, bits: int, dtype: torch.dtype) -> None:
-        keys = PackedTokens.pack(view.keys.float()[low].to(dtype), bits)
-        values = PackedTokens.pack(view.values.float()[low].to(dtype), bits)
+    def _keep_low_precision(self, view: CacheView, low: torch.Tensor, bits: LowBits, dtype: torch.dtype) -> None:
+        keys = PackedTokens.pack(view.keys.float()[low].to(dtype), bits.keys)
+        values = PackedTokens.pack(view.values.float()[low].to(dtype), bits.values)
         positions = view.positions.expand_as(low)[low]
         counts = low.sum(1).tolist()
         if self.low is None:

@@ -20,6 +20,16 @@ import torch
 
 from kvsim.policies.parts import Part, check, register
 
+# Depth groups a search gives their own key and value bit widths (`MixedPrecision.suggest`).
+DEPTH_GROUPS = 2
+
+
+class LowBits(NamedTuple):
+    """Bit widths of a layer's low-precision keys and values."""
+
+    keys: int
+    values: int
+
 
 class Retained(NamedTuple):
     keys: torch.Tensor  # [kv_heads, n, d]
@@ -31,12 +41,15 @@ class Retained(NamedTuple):
 class Retention(Part):
     kind: ClassVar[str] = "retention"
 
-    def retain(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor) -> Retained:
-        """keys, values: [kv_heads, n, d]; keep, evicted: [kv_heads, n] bool, disjoint."""
+    def retain(
+        self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, layer: int = 0, n_layers: int = 1
+    ) -> Retained:
+        """keys, values: [kv_heads, n, d]; keep, evicted: [kv_heads, n] bool, disjoint; the layer's
+        place in the model, for retentions whose precision depends on depth."""
         raise NotImplementedError
 
-    def bits(self) -> int | None:
-        """Bits per element of low-precision tokens; None when there are none."""
+    def bits(self, layer: int = 0, n_layers: int = 1) -> LowBits | None:
+        """Bit widths of layer `layer`'s low-precision tokens (of `n_layers`); None when there are none."""
         return None
 
     def full_budgets(self, budgets: torch.Tensor) -> torch.Tensor:
@@ -61,7 +74,7 @@ class Retention(Part):
 class Drop(Retention):
     name = "drop"
 
-    def retain(self, keys, values, keep, evicted):
+    def retain(self, keys, values, keep, evicted, layer=0, n_layers=1):
         return Retained(keys, values, torch.zeros_like(keep))
 
 
@@ -87,7 +100,7 @@ class Merge(Retention):
     def suggest(cls, trial, prefix: str) -> Merge:
         return cls(threshold=trial.suggest_float(f"{prefix}threshold", 0.0, 0.95))
 
-    def retain(self, keys, values, keep, evicted):
+    def retain(self, keys, values, keep, evicted, layer=0, n_layers=1):
         # Only tokens evicted now are compared (one per head per step in every-step replays), so
         # the cost is O(evicted · n) rather than O(n²).
         rows = evicted.any(dim=0).nonzero().flatten()
@@ -129,13 +142,13 @@ class Quantize(Retention):
     def suggest(cls, trial, prefix: str) -> Quantize:
         return cls(nbits=trial.suggest_int(f"{prefix}nbits", 2, 4))
 
-    def bits(self) -> int | None:
-        return self.nbits
+    def bits(self, layer: int = 0, n_layers: int = 1) -> LowBits | None:
+        return LowBits(self.nbits, self.nbits)
 
-    def retain(self, keys, values, keep, evicted):
-        low = evicted[..., None]
-        keys = torch.where(low, fake_quantize(keys, self.nbits), keys)
-        values = torch.where(low, fake_quantize(values, self.nbits), values)
+    def retain(self, keys, values, keep, evicted, layer=0, n_layers=1):
+        low, bits = evicted[..., None], self.bits(layer, n_layers)
+        keys = torch.where(low, fake_quantize(keys, bits.keys), keys)
+        values = torch.where(low, fake_quantize(values, bits.values), values)
         return Retained(keys, values, evicted)
 
 
@@ -169,24 +182,57 @@ class MixedPrecision(Quantize):
 
     A head's budget B (tokens at full precision) is B full-precision tokens' bytes. The top-ranked
     F = round(full_share · B) tokens stay at full precision (the selection rule: sinks, recent
-    window, scores), the next-best are kept at `nbits` bits, as many as the remaining (B − F) full
+    window, scores), the next-best are kept at low precision, as many as the remaining (B − F) full
     tokens' bytes buy at `kvsim.policies.held.token_bytes` (codes plus a scale and zero point per
     token), and the rest are dropped. So the layer holds at most what dropping at B holds. The low
     set is chosen once, at the prompt's decision; tokens evicted while decoding are dropped.
 
-    Parameters: nbits (2), full_share (0.5, in [0, 1]; 1 is dropping, 0 all low precision).
+    Bit widths: `nbits` for keys and values in every layer, or, per depth group, `key_bits` and
+    `value_bits` (k entries split the layers into k equal groups, shallow first). Keys and values
+    apart because keys carry the outlier channels and suffer more from few bits (KIVI, Liu et
+    al., 2024, arXiv 2402.02750); per layer because layers differ in how much precision they need
+    (KVTuner, Li et al., 2025, arXiv 2502.04420, which searches such per-layer key/value pairs). Every
+    low-precision token here is quantized per token (KIVI's per-channel key groups are not built).
+
+    Parameters: nbits (2), full_share (0.5, in [0, 1]; 1 is dropping, 0 all low precision),
+    key_bits, value_bits (empty: `nbits`; both given or neither, each width in [1, 8]).
     """
 
     name = "mixed_precision"
     full_share: float = 0.5
+    key_bits: tuple[int, ...] = ()
+    value_bits: tuple[int, ...] = ()
 
     def validate(self) -> None:
         super().validate()
         check(0.0 <= self.full_share <= 1.0, self, f"full_share must be in [0, 1], got {self.full_share}")
+        check(bool(self.key_bits) == bool(self.value_bits), self, "key_bits and value_bits go together: give both, or neither to use nbits")
+        for name in ("key_bits", "value_bits"):
+            widths = getattr(self, name)
+            check(all(1 <= bits <= 8 for bits in widths), self, f"{name} must be bit widths in [1, 8], got {list(widths)}")
 
     @classmethod
     def suggest(cls, trial, prefix: str) -> MixedPrecision:
-        return cls(nbits=trial.suggest_int(f"{prefix}nbits", 2, 4), full_share=trial.suggest_float(f"{prefix}full_share", 0.1, 0.9))
+        full_share = trial.suggest_float(f"{prefix}full_share", 0.1, 0.9)
+        if not trial.suggest_categorical(f"{prefix}per_layer", [False, True]):
+            return cls(nbits=trial.suggest_int(f"{prefix}nbits", 2, 4), full_share=full_share)
+        return cls(
+            full_share=full_share,
+            key_bits=tuple(trial.suggest_categorical(f"{prefix}key_bits{g}", [2, 3, 4, 8]) for g in range(DEPTH_GROUPS)),
+            value_bits=tuple(trial.suggest_categorical(f"{prefix}value_bits{g}", [2, 3, 4]) for g in range(DEPTH_GROUPS)),
+        )
+
+    def trial_params(self, prefix: str) -> dict:
+        params = {f"{prefix}full_share": self.full_share, f"{prefix}per_layer": bool(self.key_bits)}
+        if not self.key_bits:
+            return params | {f"{prefix}nbits": self.nbits}
+        widths = {f"{prefix}key_bits{g}": bits for g, bits in enumerate(self.key_bits)}
+        return params | widths | {f"{prefix}value_bits{g}": bits for g, bits in enumerate(self.value_bits)}
+
+    def bits(self, layer: int = 0, n_layers: int = 1) -> LowBits | None:
+        if not self.key_bits:
+            return LowBits(self.nbits, self.nbits)
+        return LowBits(self.key_bits[layer * len(self.key_bits) // n_layers], self.value_bits[layer * len(self.value_bits) // n_layers])
 
     def full_budgets(self, budgets: torch.Tensor) -> torch.Tensor:
         return (budgets.double() * self.full_share).round().to(budgets.dtype)

@@ -62,7 +62,7 @@ def replay_selection(
 
 
 def _prefill_once(retention: Retention, view: CacheView, full: ContinuationAttention, keep: torch.Tensor, evicted: torch.Tensor) -> LayerOutcome:
-    retained = retention.retain(view.keys, view.values, keep, evicted)
+    retained = retention.retain(view.keys, view.values, keep, evicted, view.layer, view.n_layers)
     # Each head's readable prompt positions first (in order), padding after; then the continuation.
     prompt_columns, prompt_readable = readable_columns(keep | retained.low_precision)
     continuation = torch.arange(view.length, full.total).expand(view.kv_heads, -1)
@@ -116,4 +116,4 @@ def replay_stepwise(
 
 def _outcome(retention: Retention, view: CacheView, sums: MetricSums, kept: int, low: int) -> LayerOutcome:
     """kept and low are the tokens held right after the prompt's decision: what kv_bytes counts."""
-    return LayerOutcome(view.layer, sums, kept, low, kv_bytes(kept, low, view.keys.shape[-1], retention.bits()))
+    return LayerOutcome(view.layer, sums, kept, low, kv_bytes(kept, low, view.keys.shape[-1], retention.bits(view.layer, view.n_layers)))
