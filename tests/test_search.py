@@ -75,6 +75,21 @@ def test_study_finds_the_known_best_allocation(traces, tmp_path):
     assert summary["top"][0]["validation"]["sim_score"] > 0
 
 
+def test_cmaes_tunes_the_per_layer_budgets_of_a_chosen_base_policy(traces, tmp_path):
+    """--base keeps that policy's scorer, schedule and retention; the first trial is its flat profile."""
+    result = kvsim("search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--base", "knorm", "--trials", 4,
+                   "--validation", 0, "--test", 0, "--tier", "proxy", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    trials = pl.read_parquet(tmp_path / "trials.parquet")
+    policies = [json.loads(policy) for policy in trials["policy"]]
+    assert {policy["scorer"]["name"] for policy in policies} == {"key_norm"}
+    assert {policy["allocator"]["name"] for policy in policies} == {"free_vector"}
+    assert set(policies[0]["allocator"]["weights"]) == {1.0}
+    refused = kvsim("search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--base", "nonesuch", "--trials", 1,
+                    "--tier", "proxy", "--out", tmp_path / "other")
+    assert refused.exit_code == 2 and "unknown policy 'nonesuch'" in refused.output
+
+
 def test_resuming_a_study_adds_trials(traces, tmp_path):
     args = ["search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--study", "again", "--validation", 0, "--test", 0, "--tier", "proxy", "--out", tmp_path]
     first = kvsim(*args, "--trials", 4)

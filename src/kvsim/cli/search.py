@@ -14,6 +14,7 @@ from kvsim.policies import Budget
 from kvsim.search import BudgetRange, SearchSettings
 from kvsim.search import search as run_search
 from kvsim.search.objective import DEFAULT_PROMOTE, OBJECTIVES, TIERS
+from kvsim.search.space import DEFAULT_BASE
 from kvsim.search.storage import DEFAULT_HEARTBEAT_S
 from kvsim.search.study import SAMPLERS
 
@@ -45,6 +46,9 @@ def search(
     prefill_only: bool = typer.Option(
         False, "--prefill-only", help="Search only policies that decide once after the prompt (and those presets): ~10x cheaper per exact trial."
     ),
+    base: str = typer.Option(
+        DEFAULT_BASE, help="--sampler cmaes: the policy (preset or .json spec) whose per-layer budgets are tuned; its allocator is replaced."
+    ),
     heartbeat: int = typer.Option(
         DEFAULT_HEARTBEAT_S, help="PostgreSQL: seconds between worker heartbeats; a trial silent for twice that is retried."
     ),
@@ -56,7 +60,7 @@ def search(
     settings = SearchSettings(
         traces=traces, budget=parse_budget(budget), rundir=out, study=study, trials=trials, objective=objective,
         storage=storage, workers=workers, sampler=sampler, mode=mode, seed=seed, validation=validation, test=test, top=top,
-        tier=tier, promote=promote, heartbeat_s=heartbeat, prefill_only=prefill_only,
+        tier=tier, promote=promote, heartbeat_s=heartbeat, prefill_only=prefill_only, base=base,
     )
     # The bar starts once the inputs are checked, so a bad input prints its error line alone.
     progress, bars = progress_bars(), []

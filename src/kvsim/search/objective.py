@@ -135,10 +135,11 @@ class Objective:
     space: str = "full"
     exact: ExactEvaluator | None = None  # None: the proxy tier alone decides
     promote: float = DEFAULT_PROMOTE
+    base: Policy | None = None  # the `allocation` space's other parts (None: SnapKV's)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr(WORKER_ATTR, worker_tag())
-        policy = suggest_policy(trial, policy_layer_count(self.evaluator.traceset), self.space)
+        policy = suggest_policy(trial, policy_layer_count(self.evaluator.traceset), self.space, self.base)
         budget = self.budget.suggest(trial) if isinstance(self.budget, BudgetRange) else self.budget
         trial.set_user_attr("policy", policy.to_spec())
         trial.set_user_attr("budget", budget.value)

@@ -30,11 +30,11 @@ from optuna.trial import TrialState
 
 from kvsim.errors import KvsimError
 from kvsim.paths import ensure_writable_dir
-from kvsim.policies import Budget
+from kvsim.policies import Budget, resolve_policy
 from kvsim.live.validate import check_model_matches
 from kvsim.search.objective import DEFAULT_PROMOTE, OBJECTIVES, TIERS, BudgetRange, Evaluator, Objective
 from kvsim.search.rundir import SearchRun
-from kvsim.search.space import ALLOCATION_BASE, preset_trials
+from kvsim.search.space import DEFAULT_BASE, flat_allocation_trial, preset_trials
 from kvsim.search.split import Split, split_samples
 from kvsim.search.storage import DEFAULT_HEARTBEAT_S, StorageChoice, choose_storage, retry_orphaned_trials
 from kvsim.search.study import make_sampler, open_study
@@ -67,6 +67,7 @@ class SearchSettings:
     promote: float = DEFAULT_PROMOTE
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
     prefill_only: bool = False  # compositions and presets that decide once at prefill (kvsim.search.space)
+    base: str = DEFAULT_BASE  # the allocation space's other parts: a preset name or a .json spec
 
     @property
     def space(self) -> str:
@@ -121,7 +122,7 @@ def prepare(settings: SearchSettings) -> Prepared:
     traceset = TraceSet.open(settings.traces)
     settings = replace(settings, mode=infer_mode(traceset, settings.mode))
     if settings.space == "allocation":
-        ALLOCATION_BASE.check_traces(policy_layer_count(traceset), traceset.meta["window"])
+        resolve_policy(settings.base).check_traces(policy_layer_count(traceset), traceset.meta["window"], traceset.statistics)
     traceset.check_files(settings.mode)  # a damaged file is an error here, not a pruned trial
     split = split_samples(traceset.manifest, settings.mode, settings.validation, settings.test, settings.seed)
     highest = settings.budget.high if isinstance(settings.budget, BudgetRange) else settings.budget
@@ -136,6 +137,7 @@ def prepare(settings: SearchSettings) -> Prepared:
         "objective": settings.objective,
         "budget": settings.budget_value(),
         "space": settings.space,
+        **({"base": resolve_policy(settings.base).decision_key()} if settings.space == "allocation" else {}),
         "split_seed": settings.seed,
         "validation": settings.validation,
         "test": settings.test,
@@ -168,7 +170,10 @@ def run_trials(
     """Add `trials` trials to the study with `workers` processes; returns the study (reloaded).
     `loaded`: the model for the exact tier in this process (spawned workers load their own)."""
     settings = prepared.settings
-    enqueue = preset_trials(settings.space) if settings.space != "allocation" and settings.objective == "quality" else []
+    if settings.space == "allocation":
+        enqueue = [flat_allocation_trial(policy_layer_count(prepared.traceset))]
+    else:
+        enqueue = preset_trials(settings.space) if settings.objective == "quality" else []
     study = open_study(prepared.storage, settings.study, prepared.study_settings, enqueue=enqueue)
     if prepared.storage.embedded:
         retry_orphaned_trials(study)
@@ -229,7 +234,7 @@ def _optimize(
     study.sampler = make_sampler(settings.sampler, settings.objective, seed)
     objective = Objective(
         Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget, settings.objective, settings.space,
-        prepared.exact_evaluator(loaded), settings.promote,
+        prepared.exact_evaluator(loaded), settings.promote, resolve_policy(settings.base),
     )
     with one_torch_thread():
         study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial(study)], gc_after_trial=False)

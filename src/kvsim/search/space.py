@@ -20,10 +20,12 @@ Three spaces:
   grow), and only the presets that do so: what most serving engines can run, and about ten times
   cheaper per exact-tier trial, since a prefill-once cache reads the whole continuation in one
   forward where an every-step one needs a forward per token.
-- `allocation`: only the per-layer weights of a `free_vector` allocator, under SnapKV's scorer,
-  schedule and retention (the strongest prefill-once preset family on the bundled model, and a
-  cheap replay). A purely continuous space of one dimension per layer is what CMA-ES is built for;
-  it models only parameters present in every trial, so it cannot steer a conditional space.
+- `allocation`: only the per-layer weights of a `free_vector` allocator, under a base policy's
+  scorer, schedule and retention (`--base`, SnapKV's by default: a cheap replay; give the best
+  preset of a first study to tune its per-layer budgets). A purely continuous space of one
+  dimension per layer is what CMA-ES is built for; it models only parameters present in every
+  trial, so it cannot steer a conditional space. Its first trial is the flat profile (every
+  weight 1: the base's parts with uniform budgets), the baseline the tuned vector must beat.
 
 `full` is not searchable: it ignores the budget, so at a fixed budget it would win every study.
 """
@@ -42,7 +44,7 @@ from kvsim.policies.schedules import PrefillOnce
 SPACES = ("full", "prefill", "allocation")
 # The user attribute naming the preset an enqueued trial evaluates.
 PRESET_ATTR = "preset"
-ALLOCATION_BASE = PRESETS["snapkv"]
+DEFAULT_BASE = "snapkv"
 ALLOCATORS = sorted(name for name, cls in REGISTRY["allocator"].items() if cls is not AllTokens)
 
 
@@ -72,12 +74,18 @@ def preset_trials(space: str = "full") -> list[tuple[dict, dict]]:
     return [(policy_params(policy), {PRESET_ATTR: name}) for name, policy in space_presets(space).items()]
 
 
-def suggest_policy(trial, n_layers: int, space: str = "full") -> Policy:
-    """The policy of `trial`: a preset's name when the trial was enqueued as one, else `trial-<number>`."""
+def flat_allocation_trial(n_layers: int) -> tuple[dict, dict]:
+    """The `allocation` space's baseline, for `study.enqueue_trial`: every layer's weight 1."""
+    return FreeVector(weights=(1.0,) * n_layers).trial_params(f"allocator.{FreeVector.name}."), {}
+
+
+def suggest_policy(trial, n_layers: int, space: str = "full", base: Policy | None = None) -> Policy:
+    """The policy of `trial`: a preset's name when the trial was enqueued as one, else
+    `trial-<number>`. `base`: the parts the `allocation` space keeps (default SnapKV's)."""
     name = f"trial-{trial.number}"
     if space == "allocation":
         allocator = FreeVector.suggest_for(trial, f"allocator.{FreeVector.name}.", n_layers)
-        return replace(ALLOCATION_BASE, name=name, allocator=allocator)
+        return replace(base or PRESETS[DEFAULT_BASE], name=name, allocator=allocator)
     allocator = _suggest_part(trial, "allocator", ALLOCATORS, n_layers)
     scorer = _suggest_part(trial, "scorer", sorted(REGISTRY["scorer"]), n_layers)
     schedules = [PrefillOnce.name] if space == "prefill" else sorted(REGISTRY["schedule"])
