@@ -130,8 +130,10 @@ def _validation_table(summary: dict) -> str:
     exact = summary["tier"] == "exact"
     entries.sort(key=lambda e: -(e[1]["answer_logprob"] if exact else e[1]["sim_score"]))
     head = "<th>answer log-lik.</th><th>answer match</th><th>KL</th><th>top-1</th>" if exact else ""
-    lines = [f"<p>The best trials and every preset on the {len(summary['samples']['validation'])} validation samples "
-             f"({'exact tier' if exact else 'proxy'}); the winner is the first trial here.</p>",
+    validation = len(summary["samples"]["validation"])
+    where = f"the {validation} validation samples" if validation else "the search samples (the split left no validation samples)"
+    lines = [f"<p>The best trials and every preset on {where} ({'exact tier' if exact else 'proxy'}); the winner is the first "
+             "trial here.</p>",
              f"<table><tr><th>policy</th><th>search value</th>{head}<th>sim_score</th><th>KV MiB</th></tr>"]
     for name, metrics, search_value in entries:
         cells = "".join(f"<td>{metrics[m]:.3f}</td>" for m in ("answer_logprob", "answer_match", "kl", "top1")) if exact else ""
