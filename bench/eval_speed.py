@@ -67,6 +67,8 @@ def main() -> None:
     traceset = TraceSet.open(args.traces)
     samples = list(traceset.samples("query-agnostic"))[: args.samples]
     policies = [PRESETS[name] for name in POLICIES]
+    import kvpress  # noqa: F401, PLC0415  (registers the kv-press-text-generation pipeline)
+
     generate = pipeline("kv-press-text-generation", model=loaded.model, tokenizer=loaded.tokenizer)
     max_new_tokens = traceset.meta["max_new_tokens"]
     per_sample = []
@@ -88,7 +90,10 @@ def main() -> None:
         per_sample.append({"sample_id": sample.sample_id, "prompt_tokens": sample.prompt_len, "kvsim_s": kvsim_s, "kvpress_s": kvpress_s,
                            "ratio": kvpress_s / kvsim_s})
         print(f"{sample.sample_id}: kvsim {kvsim_s:.1f} s, kvpress {kvpress_s:.1f} s for {len(POLICIES)} policies ({kvpress_s / kvsim_s:.2f}x)", flush=True)
+        write_results(args, per_sample, max_new_tokens, load_at_start)  # after every sample: a stopped run keeps what it measured
 
+
+def write_results(args, per_sample: list[dict], max_new_tokens: int, load_at_start: tuple[float, ...]) -> None:
     result = {
         "settings": vars(args) | {"policies": list(POLICIES), "max_new_tokens": max_new_tokens},
         "samples": per_sample,
