@@ -85,9 +85,23 @@ def test_cmaes_tunes_the_per_layer_budgets_of_a_chosen_base_policy(traces, tmp_p
     assert {policy["scorer"]["name"] for policy in policies} == {"key_norm"}
     assert {policy["allocator"]["name"] for policy in policies} == {"free_vector"}
     assert set(policies[0]["allocator"]["weights"]) == {1.0}
+    assert "were not searched" not in result.output  # no presets run in the allocation space
     refused = kvsim("search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--base", "nonesuch", "--trials", 1,
                     "--tier", "proxy", "--out", tmp_path / "other")
     assert refused.exit_code == 2 and "unknown policy 'nonesuch'" in refused.output
+
+
+def test_a_prefill_only_search_runs_its_presets_first_and_names_those_it_cannot_run(tmp_path):
+    traces = synthetic_traceset(tmp_path / "traces", kvzip=False, prompt_len=128, window=32).root  # no KVzip statistics
+    result = kvsim("search", "--traces", traces, "--budget", "0.5", "--prefill-only", "--trials", 3, "--validation", 0, "--test", 0,
+                   "--tier", "proxy", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    trials = pl.read_parquet(tmp_path / "run" / "trials.parquet")
+    assert trials.filter(pl.col("state") != "WAITING")["preset"].to_list() == ["random", "snapkv", "pyramidkv"]
+    output = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    assert "preset kvzip and its scorer were not searched" in output and "kvsim capture --kvzip" in output
+    summary = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert {p["name"] for p in summary["presets"]} >= {"full", "keydiff"} and "tova" not in {p["name"] for p in summary["presets"]}
 
 
 def test_resuming_a_study_adds_trials(traces, tmp_path):

@@ -79,6 +79,7 @@ def search(
     summary = run.summary()
     print_top(summary)
     warn_without_signal(summary)
+    warn_missing_statistics(summary)
     console.print(f"report: {run.report_path}\nstudy: {summary['storage']} (optuna-dashboard {summary['storage']})")
 
 
@@ -103,6 +104,17 @@ def print_top(summary: dict) -> None:
             *[f"{v:.3f}" for v in values], f"{validation['kv_mib']:.2f}", entry["spec"],
         )
     console.print(table)
+
+
+def warn_missing_statistics(summary: dict) -> None:
+    """Name the presets the search could not run or compose from: a strong one (KVzip) may be among them."""
+    for name, options in summary.get("presets_without_statistics", {}).items():
+        flags = " ".join(f"--{option}" for option in options)
+        console.print(
+            f"[yellow]warning:[/] preset {name} and its scorer were not searched: the traces lack its statistics; "
+            f"capture with `kvsim capture {flags}` to include them",
+            highlight=False,
+        )
 
 
 def warn_without_signal(summary: dict) -> None:

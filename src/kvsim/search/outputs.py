@@ -208,6 +208,12 @@ def write_outputs(prepared: Prepared, study: optuna.Study, winners: list[Scored]
     summary = summary_of(prepared, study) | {
         "top": top,
         "presets": [asdict(entry) for entry in presets],
+        # Presets (and the scorers behind them) the search could not run: their statistics are not in the traces.
+        "presets_without_statistics": {
+            name: sorted(policy.requirements() - prepared.traceset.statistics)
+            for name, policy in space_presets(prepared.settings.space).items()
+            if prepared.settings.space != "allocation" and not policy.requirements() <= prepared.traceset.statistics
+        },
         "importances": {"all": importances(study, prepared.settings.objective)},
     }
     if family is not None:
