@@ -438,8 +438,10 @@ def main() -> None:
 
     loaded = load_model(DEFAULT_MODEL)
     work = Path(args.workdir)
+    # KVzip's statistics in both TraceSets: the held-out runs need them for the kvzip preset, and the
+    # search for KVzip's scorer to be part of its space (the committed run lacked them in the search).
     kvzip = any(p.requirements() for p in presets)
-    search_traces = capture(loaded, args.search_workload, args.search_samples, args.search_seed, work / f"search-{args.search_workload}-s{args.search_seed}", args, notes, False)
+    search_traces = capture(loaded, args.search_workload, args.search_samples, args.search_seed, work / f"search-{args.search_workload}-s{args.search_seed}", args, notes, kvzip)
     heldout = capture(loaded, args.heldout_workload, args.heldout_samples, args.heldout_seed, work / f"heldout-{args.heldout_workload}-s{args.heldout_seed}", args, notes, kvzip)
     check_model_matches(loaded, heldout)
     log(f"traces ready ({time.perf_counter() - started:.0f} s)")
