@@ -99,7 +99,8 @@ def test_a_prefill_only_search_runs_its_presets_first_and_names_those_it_cannot_
     trials = pl.read_parquet(tmp_path / "run" / "trials.parquet")
     assert trials.filter(pl.col("state") != "WAITING")["preset"].to_list() == ["random", "snapkv", "pyramidkv"]
     output = " ".join(result.output.split())  # rich wraps lines at the terminal width
-    assert "preset kvzip and its scorer were not searched" in output and "kvsim capture --kvzip" in output
+    assert "warning: preset kvzip and its scorer were not searched" in output and "kvsim capture --kvzip" in output
+    assert "[yellow]" not in output  # the CLI console prints no markup
     summary = json.loads((tmp_path / "run" / "search.json").read_text())
     assert {p["name"] for p in summary["presets"]} >= {"full", "keydiff"} and "tova" not in {p["name"] for p in summary["presets"]}
 

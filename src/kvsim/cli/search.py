@@ -111,8 +111,9 @@ def warn_missing_statistics(summary: dict) -> None:
     for name, options in summary.get("presets_without_statistics", {}).items():
         flags = " ".join(f"--{option}" for option in options)
         console.print(
-            f"[yellow]warning:[/] preset {name} and its scorer were not searched: the traces lack its statistics; "
+            f"warning: preset {name} and its scorer were not searched: the traces lack its statistics; "
             f"capture with `kvsim capture {flags}` to include them",
+            style="yellow",
             highlight=False,
         )
 
@@ -122,7 +123,8 @@ def warn_without_signal(summary: dict) -> None:
     presets = [p for p in summary.get("presets", []) if p["name"] != "full" and "answer_match" in p["validation"]]
     if presets and all(p["validation"]["answer_match"] == 0 for p in presets):
         console.print(
-            f"[yellow]warning:[/] no preset keeps a single reference answer at budget {summary['budget']} on the validation "
+            f"warning: no preset keeps a single reference answer at budget {summary['budget']} on the validation "
             "samples (teacher-forced answer match 0): the model has little signal here; search at a higher budget",
+            style="yellow",
             highlight=False,
         )
