@@ -208,12 +208,7 @@ def write_outputs(prepared: Prepared, study: optuna.Study, winners: list[Scored]
     summary = summary_of(prepared, study) | {
         "top": top,
         "presets": [asdict(entry) for entry in presets],
-        # Presets (and the scorers behind them) the search could not run: their statistics are not in the traces.
-        "presets_without_statistics": {
-            name: sorted(policy.requirements() - prepared.traceset.statistics)
-            for name, policy in space_presets(prepared.settings.space).items()
-            if prepared.settings.space != "allocation" and not policy.requirements() <= prepared.traceset.statistics
-        },
+        "presets_without_statistics": _presets_without_statistics(prepared),
         "importances": {"all": importances(study, prepared.settings.objective)},
     }
     if family is not None:
@@ -223,6 +218,15 @@ def write_outputs(prepared: Prepared, study: optuna.Study, winners: list[Scored]
         summary["layer_budgets"] = {"sample_id": samples[0], "curves": layer_budgets(proxy, samples[0], winners[:1] + presets)}
     run.write_summary(summary)
     return summary
+
+
+def _presets_without_statistics(prepared: Prepared) -> dict[str, list[str]]:
+    """Presets (and the scorers behind them) a study could not run, by the statistics the traces
+    lack; the allocation space runs no presets."""
+    if prepared.settings.space == "allocation":
+        return {}
+    lacking = {name: policy.requirements() - prepared.traceset.statistics for name, policy in space_presets(prepared.settings.space).items()}
+    return {name: sorted(missing) for name, missing in lacking.items() if missing}
 
 
 def _provenance(prepared: Prepared, entry: Scored) -> dict:
