@@ -129,20 +129,41 @@ def searched_winner(traces: Path, mode: str, budget: float, args, notes: list[st
 # Live runs
 
 
-def live_rows(loaded: LoadedModel, traceset: TraceSet, sample: TraceSample, presets: list[Policy], winners: dict, budgets: list[float]) -> list[dict]:
-    """One prefill of `sample`, then the full cache once and every preset and the winner per budget."""
+def live_rows(loaded: LoadedModel, traceset: TraceSet, sample: TraceSample, presets: list[Policy], winners: dict, budgets: list[float],
+              earlier: list[dict], recheck: bool) -> list[dict]:
+    """One prefill of `sample`, then the full cache once and every preset and the winner per budget.
+
+    `earlier`: this sample's rows from an earlier run of this script (--reuse-rows). Its preset and
+    kvpress rows are kept instead of re-run, since they do not depend on the search; the full cache
+    and the winners always run. The full cache must reproduce its earlier row, and with `recheck`
+    every preset must too, so a change of code since the earlier run stops the bench instead of
+    mixing two versions in one table."""
     policies = [PRESETS[FULL], *presets, *(winners[(sample.mode, b)] for b in budgets)]
     kvzip = any(policy.requirements() for policy in policies)
     live = LiveSample(loaded, traceset, sample, max(max(p.observation_window for p in policies), 1), kvzip)
+    kept = {(r["policy"], r["budget"]): r for r in earlier if r["kind"] != SEARCHED}
     runs = [(PRESETS[FULL], None)] + [(policy, b) for b in budgets for policy in [*presets, winners[(sample.mode, b)]]]
-    rows = []
+    rows = [r for r in earlier if r["kind"] == "kvpress"]
     for policy, budget in runs:
+        kind = FULL if budget is None else SEARCHED if policy.name == SEARCHED else "preset"
+        before = kept.get((policy.name, budget))
+        if before is not None and kind == "preset" and not recheck:
+            rows.append(before)
+            continue
         started = time.perf_counter()
         outcome = live.run(policy, Budget(budget if budget is not None else budgets[0]))
-        kind = FULL if budget is None else SEARCHED if policy.name == SEARCHED else "preset"
         rows.append(row(sample, policy.name, kind, budget, outcome.prediction, outcome.score, outcome.answer_logprob,
                         outcome.kl, outcome.top1, outcome.kv_bytes, time.perf_counter() - started))
+        if before is not None and not same_outcome(before, rows[-1]):
+            raise SystemExit(f"error: {policy.name} at budget {budget} on {sample.mode} {sample.sample_id} no longer reproduces the rows passed to "
+                             "--reuse-rows (the code changed since): run without --reuse-rows")
     return rows
+
+
+def same_outcome(before: dict, now: dict) -> bool:
+    """Whether a re-run reproduces a row: same answer, metrics within 1e-4 (the CPU runs are deterministic)."""
+    close = all(abs(before[m] - now[m]) <= 1e-4 for m in ("answer_logprob", "kl", "top1", "score"))
+    return close and before["prediction"] == now["prediction"] and before["kv_bytes"] == now["kv_bytes"]
 
 
 def row(sample: TraceSample, policy: str, kind: str, budget: float | None, prediction: str, task_score: float,
@@ -419,6 +440,9 @@ def main() -> None:
     parser.add_argument("--part", default="0/1",
                         help="K/N: run the held-out samples with index %% N == K; N processes share the live phase (start them once "
                              "part 0 has logged 'searches ready'); each writes the results from every part's rows found in --workdir")
+    parser.add_argument("--reuse-rows", nargs="*", default=[],
+                        help="rows files of an earlier run with the same held-out traces: their preset and kvpress rows are kept (the full "
+                             "cache re-runs on every sample and must reproduce its row; every preset re-runs on each part's first reused sample)")
     parser.add_argument("--deadline-min", type=float, default=None,
                         help="start no further held-out sample after this many minutes (results cover the samples finished)")
     args = parser.parse_args()
@@ -460,6 +484,11 @@ def main() -> None:
     rows_file = work / f"rows-{part}-of-{parts}.json"
     rows_file.write_text("[]")  # this part's rows of an earlier run are not this run's
     rows: list[dict] = []
+    earlier: dict[tuple[str, str], list[dict]] = {}
+    for path in args.reuse_rows:
+        for r in json.loads(Path(path).read_text()):
+            earlier.setdefault((r["mode"], r["sample_id"]), []).append(r)
+    reused, rechecked = [], False
     pressed = 0
     result = {}
     for index, sample in enumerate(interleaved(heldout, modes, args.heldout_samples)):
@@ -469,8 +498,14 @@ def main() -> None:
             notes.append(f"deadline of {args.deadline_min:g} min reached: {sample.mode} sample {sample.sample_id} and later ones not run")
             log(notes[-1])
             break
-        rows += live_rows(loaded, heldout, sample, presets, winners, budgets)
-        if sample.mode == "query-agnostic" and press_names and (args.kvpress_samples is None or pressed < args.kvpress_samples):
+        before = earlier.get((sample.mode, sample.sample_id), [])
+        rows += live_rows(loaded, heldout, sample, presets, winners, budgets, before, recheck=bool(before) and not rechecked)
+        if before:
+            reused.append(f"{sample.mode} {sample.sample_id}")
+            rechecked = True
+        if any(r["kind"] == "kvpress" for r in before):
+            pressed += 1
+        elif sample.mode == "query-agnostic" and press_names and (args.kvpress_samples is None or pressed < args.kvpress_samples):
             pressed += 1
             # Importing kvpress wraps every registered attention function (kvsim's too) with its head-wise
             # key masking, inert unless a press leaves masks on the modules, which kvpress_row clears.
@@ -490,7 +525,10 @@ def main() -> None:
             "verdicts": {mode: verdicts(tables[mode], summary[mode]) for mode in tables},
             "summary": summary,
             "winners": winner_info,
-            "notes": notes + ([f"kvpress ran on the first {args.kvpress_samples} query-agnostic samples of each of the {parts} parts"] if press_names and args.kvpress_samples else [])
+            "notes": notes + ([f"{len(reused)} samples' preset and kvpress rows come from an earlier run of this script ({', '.join(args.reuse_rows)}); "
+                               "on each the full cache re-ran and reproduced its row within 1e-4, and on this part's first one every preset did too; "
+                               "the searched rows are this run's"] if reused else [])
+                     + ([f"kvpress ran on the first {args.kvpress_samples} query-agnostic samples of each of the {parts} parts"] if press_names and args.kvpress_samples else [])
                      + ([f"the live phase ran in {parts} processes side by side (--part), each on every {parts}th sample; wall time is this part's"] if parts > 1 else []),
             "rows": every_part,
             "machine": machine_info(load_at_start),
