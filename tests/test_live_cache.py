@@ -15,7 +15,7 @@ from kvsim.policies.held import token_bytes
 from kvsim.policies.lowbit import PackedTokens
 from kvsim.policies.policy import Policy
 from kvsim.policies.presets import PRESETS
-from kvsim.policies.retention import fake_quantize
+from kvsim.policies.retention import fake_quantize, fake_quantize_channels
 from kvsim.policies.schedules import PrefillOnce
 from kvsim.policies.scorers.recency import Recency
 
@@ -154,6 +154,17 @@ def test_packed_tokens_read_back_the_simulators_low_precision_values(bits):
     torch.testing.assert_close(packed.unpack(), fake_quantize(x, bits), atol=0, rtol=0)
     per_byte = 8 // bits if 8 % bits == 0 else 1
     assert packed.codes.shape[-1] == -(-10 // per_byte)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_per_channel_packed_keys_read_back_the_simulators_values_head_by_head(bits):
+    """Ragged heads (37, 0 and 64 tokens) in groups of 32: a short last group, an empty head."""
+    counts = [37, 0, 64]
+    x = torch.randn(sum(counts), 10)
+    packed = PackedTokens.pack_channels(x, bits, 32, counts)
+    expected = torch.cat([fake_quantize_channels(rows, bits, 32) for rows in torch.split(x, counts)])
+    torch.testing.assert_close(packed.unpack(), expected, atol=0, rtol=0)
+    assert packed.scale.shape == (2 + 0 + 2, 10)  # one scale per channel per group
 
 
 @torch.inference_mode()

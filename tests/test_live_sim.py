@@ -74,6 +74,7 @@ MIXED_PRECISION = [
         PrefillOnce(sinks=1, recent=4),
         MixedPrecision(nbits=4, full_share=0.3),
     ),
+    Policy("kivi-mixed", WindowAttention(window=8), Uniform(), PrefillOnce(sinks=2), MixedPrecision(full_share=0.4, key_bits=(2, 4), value_bits=(2, 2), key_group=8)),
     # Keys and values at their own widths per depth group (KVTuner-style).
     Policy("window-layerwise-bits", WindowAttention(window=8), Uniform(), PrefillOnce(recent=4), MixedPrecision(full_share=0.4, key_bits=(8, 2), value_bits=(4, 2))),
     COMPOSED_STEPWISE[-1],
@@ -178,6 +179,10 @@ def assert_same_mixed_precision(live, traceset, sample, budgets):
                 low = handed_to_retention(policy, view, keep, heads)
                 assert [p.tolist() for p in held.kept_positions()] == positions_of(keep), (policy.name, value, layer)
                 assert [p.tolist() for p in held.low.per_head(held.low.positions)] == positions_of(low), (policy.name, value, layer)
+                # The low-precision keys and values the live cache reads are the simulator's.
+                retained = policy.retention.retain(view.keys.float(), view.values.float(), keep, low, view.layer, view.n_layers)
+                torch.testing.assert_close(held.low.keys.unpack().float(), retained.keys[low], atol=1e-6, rtol=0)
+                torch.testing.assert_close(held.low.values.unpack().float(), retained.values[low], atol=1e-6, rtol=0)
             predicted = sum(outcome.kv_bytes for outcome in prepared.replay(policy, Budget(value)))
             dropping = sum(outcome.kv_bytes for outcome in prepared.replay(PRESETS["snapkv"], Budget(value)))
             held = sum(cache.layers[layer].held_bytes() for layer in traceset.shape.policy_layers)

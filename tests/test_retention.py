@@ -9,8 +9,8 @@ import torch
 from kvsim.errors import KvsimError
 from kvsim.policies import Policy
 from kvsim.policies.allocators.uniform import Uniform
-from kvsim.policies.held import handed_to_retention, kv_bytes, token_bytes
-from kvsim.policies.retention import Drop, LowBits, Merge, MixedPrecision, Quantize, fake_quantize
+from kvsim.policies.held import handed_to_retention, kv_bytes, low_bytes, low_tokens_bought, token_bytes
+from kvsim.policies.retention import Drop, LowBits, Merge, MixedPrecision, Quantize, fake_quantize, fake_quantize_channels
 from kvsim.policies.schedules import PrefillOnce
 from kvsim.policies.scorers.recency import Recency
 from kvsim.policies.view import CacheView
@@ -65,8 +65,9 @@ def test_mixed_precision_spends_the_leftover_bytes_on_the_next_best_tokens():
     assert (token_bytes(16), token_bytes(16, LowBits(2, 2))) == (64, 16)
     budgets = torch.tensor([10, 3])
     assert retention.full_budgets(budgets).tolist() == [5, 2]  # round half to even: 1.5 -> 2
-    assert retention.low_budgets(budgets, retention.full_budgets(budgets), 64, 16).tolist() == [20, 4]
-    assert Quantize(nbits=2).low_budgets(budgets, budgets, 64, 16) is None  # plain quantize: on top of the budget
+    buy = lambda spare: low_tokens_bought(spare, 16, LowBits(2, 2))  # noqa: E731
+    assert retention.low_budgets(budgets, retention.full_budgets(budgets), 64, buy).tolist() == [20, 4]
+    assert Quantize(nbits=2).low_budgets(budgets, budgets, 64, buy) is None  # plain quantize: on top of the budget
 
     n = 40
     view = CacheView(0, 1, torch.randn(2, n, 16), torch.randn(2, n, 16), torch.arange(n), torch.randn(2, 4, 16), torch.arange(n - 4, n), 0.25)
@@ -78,11 +79,45 @@ def test_mixed_precision_spends_the_leftover_bytes_on_the_next_best_tokens():
     # The next-best by recency: head 0 the 20 positions before its newest 3, head 1 the newest 4.
     assert low[0].nonzero().flatten().tolist() == list(range(n - 23, n - 3))
     assert low[1].nonzero().flatten().tolist() == list(range(n - 4, n))
-    held = kv_bytes(int(kept.sum()), int(low.sum()), 16, LowBits(2, 2))
-    assert held <= kv_bytes(int(budgets.sum()), 0, 16, None)
+    held = kv_bytes(int(kept.sum()), low.sum(1), 16, LowBits(2, 2))
+    assert held <= kv_bytes(int(budgets.sum()), torch.zeros(2, dtype=torch.long), 16, None)
     assert not (low & kept).any()
     # Dropping, merging and plain quantizing receive every evicted token.
     assert torch.equal(handed_to_retention(replace(policy, retention=Drop()), view, kept, budgets), ~kept)
+
+
+def test_per_channel_keys_keep_the_other_channels_sharp_beside_an_outlier_channel():
+    """KIVI's reason for per-channel keys: one channel 50x larger stretches every per-token range,
+    so at 2 bits per token the other channels round to almost nothing; per channel they keep theirs."""
+    keys = torch.randn(64, 16)
+    keys[:, 3] *= 50
+    rest = [c for c in range(16) if c != 3]
+    per_token = (fake_quantize(keys, 2) - keys)[:, rest].abs().mean()
+    per_channel = (fake_quantize_channels(keys, 2, 32) - keys)[:, rest].abs().mean()
+    assert per_channel < per_token / 4
+    retention = MixedPrecision(nbits=2, full_share=0.5, key_group=32)
+    evicted = torch.zeros(1, 64, dtype=torch.bool)
+    evicted[0, 10:50] = True  # 40 tokens: a group of 32 and a short one of 8
+    retained = retention.retain(keys[None], keys[None], ~evicted, evicted)
+    expected = fake_quantize_channels(keys[10:50], 2, 32)
+    torch.testing.assert_close(retained.keys[0, 10:50], expected, atol=0, rtol=0)
+    assert torch.equal(retained.keys[0, ~evicted[0]], keys[~evicted[0]])
+    with pytest.raises(KvsimError, match="key_group must be 0"):
+        MixedPrecision(key_group=1)
+
+
+@pytest.mark.parametrize("key_group", (0, 32))
+def test_low_precision_tokens_bought_are_the_most_the_spare_bytes_pay_for(key_group):
+    """`low_tokens_bought` inverts `low_bytes`, per-channel groups' scales (a short group costs a
+    whole one) included: m tokens fit in the spare bytes and m + 1 do not."""
+    bits, head_dim = LowBits(2, 3, key_group), 64
+    spare = torch.arange(0, 20000, 37)
+    bought = low_tokens_bought(spare, head_dim, bits)
+    for s, m in zip(spare.tolist(), bought.tolist()):
+        assert low_bytes(torch.tensor([m]), head_dim, bits) <= s < low_bytes(torch.tensor([m + 1]), head_dim, bits)
+    # Per channel, 32 keys share 64 scale and zero pairs (256 bytes) instead of 32 (128 bytes).
+    per_token, per_channel = (low_bytes(torch.tensor([32]), head_dim, LowBits(2, 3, g)) for g in (0, 32))
+    assert per_channel - per_token == 2 * head_dim * 2 - 32 * 2 * 2
 
 
 def test_mixed_precision_gives_keys_and_values_their_own_bit_widths_per_depth_group():
@@ -96,7 +131,8 @@ def test_mixed_precision_gives_keys_and_values_their_own_bit_widths_per_depth_gr
     assert (shallow, deep) == (104, 40)
     budgets = torch.tensor([40])
     full = retention.full_budgets(budgets)
-    assert retention.low_budgets(budgets, full, token_bytes(64), shallow).item() < retention.low_budgets(budgets, full, token_bytes(64), deep).item()
+    bought = [retention.low_budgets(budgets, full, token_bytes(64), lambda spare, layer=layer: low_tokens_bought(spare, 64, retention.bits(layer, 30))) for layer in (0, 29)]
+    assert bought[0].item() < bought[1].item()
     keys = torch.randn(1, 6, 64)
     evicted = torch.tensor([[False, False, True, True, True, True]])
     shallow_keys = retention.retain(keys, keys, ~evicted, evicted, 0, 30).keys

@@ -38,17 +38,44 @@ KV_ELEMENT_BYTES = 2
 
 def token_bytes(head_dim: int, bits: LowBits | None = None) -> int:
     """Bytes one token costs one KV head (key and value): full precision, or packed codes at the
-    key's and the value's bit widths, each with a scale and a zero point per token (see
-    `kvsim.policies.lowbit`)."""
+    key's and the value's bit widths with their scales and zero points (see `kvsim.policies.lowbit`).
+    Per-channel keys share theirs over a group of tokens: this counts the codes and the value's
+    scale and zero point only, and `low_bytes` adds the groups'."""
     if bits is None:
         return 2 * head_dim * KV_ELEMENT_BYTES
-    return packed_dim(head_dim, bits.keys) + packed_dim(head_dim, bits.values) + 4 * KV_ELEMENT_BYTES
+    key_scales = 0 if bits.key_group else 2 * KV_ELEMENT_BYTES
+    return packed_dim(head_dim, bits.keys) + packed_dim(head_dim, bits.values) + 2 * KV_ELEMENT_BYTES + key_scales
 
 
-def kv_bytes(full_tokens: int, low_tokens: int, head_dim: int, bits: LowBits | None) -> int:
-    """Bytes a layer holds for `full_tokens` full-precision and `low_tokens` low-precision tokens
-    (summed over KV heads). The ragged layout adds nothing, so this is exact."""
-    return full_tokens * token_bytes(head_dim) + (low_tokens * token_bytes(head_dim, bits) if low_tokens else 0)
+def _group_bytes(head_dim: int) -> int:
+    """A per-channel key group's scales and zero points: one pair per channel."""
+    return 2 * head_dim * KV_ELEMENT_BYTES
+
+
+def low_bytes(counts: torch.Tensor, head_dim: int, bits: LowBits) -> int:
+    """Bytes of `counts` [kv] low-precision tokens per head, per-channel key groups (a short last
+    group costs a whole one) included."""
+    held = int(counts.sum()) * token_bytes(head_dim, bits)
+    if bits.key_group:
+        held += int((-(-counts // bits.key_group)).sum()) * _group_bytes(head_dim)
+    return held
+
+
+def low_tokens_bought(spare: torch.Tensor, head_dim: int, bits: LowBits) -> torch.Tensor:
+    """The most low-precision tokens per head that `spare` [kv] bytes buy: the inverse of `low_bytes`."""
+    per_token = token_bytes(head_dim, bits)
+    if not bits.key_group:
+        return spare // per_token
+    group = bits.key_group * per_token + _group_bytes(head_dim)
+    whole, rest = spare // group, spare % group
+    return whole * bits.key_group + ((rest - _group_bytes(head_dim)) // per_token).clamp(min=0)
+
+
+def kv_bytes(full_tokens: int, low_counts: torch.Tensor, head_dim: int, bits: LowBits | None) -> int:
+    """Bytes a layer holds for `full_tokens` full-precision tokens (summed over KV heads) and
+    `low_counts` [kv] low-precision tokens per head. The ragged layout adds nothing, so this is exact."""
+    low = int(low_counts.sum())
+    return full_tokens * token_bytes(head_dim) + (low_bytes(low_counts, head_dim, bits) if low else 0)
 
 
 def handed_to_retention(policy: Policy, view: CacheView, kept: torch.Tensor, budgets: torch.Tensor | None) -> torch.Tensor:
@@ -62,7 +89,8 @@ def handed_to_retention(policy: Policy, view: CacheView, kept: torch.Tensor, bud
     evicted = ~kept if view.present is None else view.present & ~kept
     retention, head_dim = policy.retention, view.keys.shape[-1]
     full = kept.sum(1)
-    low = None if budgets is None else retention.low_budgets(budgets, full, token_bytes(head_dim), token_bytes(head_dim, retention.bits(view.layer, view.n_layers)))
+    bits = retention.bits(view.layer, view.n_layers)
+    low = None if budgets is None else retention.low_budgets(budgets, full, token_bytes(head_dim), lambda spare: low_tokens_bought(spare, head_dim, bits))
     if low is None:
         return evicted
     if not bool(low.any()):
@@ -194,6 +222,10 @@ class HeldLayer:
         """(full-precision, low-precision) tokens over all KV heads."""
         return self.full.tokens, 0 if self.low is None else self.low.tokens
 
+    def low_counts(self) -> torch.Tensor:
+        """[kv] low-precision tokens per head."""
+        return torch.tensor(self.low.counts if self.low is not None else [0] * self.kv_heads)
+
     def held_bytes(self) -> int:
         """Bytes of keys and values this layer really holds, counted at the serving dtype."""
         full = (self.full.keys.numel() + self.full.values.numel()) * KV_ELEMENT_BYTES
@@ -315,10 +347,11 @@ class HeldLayer:
             self._keep_low_precision(view, low, retention.bits(view.layer, view.n_layers), dtype)
 
     def _keep_low_precision(self, view: CacheView, low: torch.Tensor, bits: LowBits, dtype: torch.dtype) -> None:
-        keys = PackedTokens.pack(view.keys.float()[low].to(dtype), bits.keys)
-        values = PackedTokens.pack(view.values.float()[low].to(dtype), bits.values)
         positions = view.positions.expand_as(low)[low]
         counts = low.sum(1).tolist()
+        flat_keys = view.keys.float()[low].to(dtype)
+        keys = PackedTokens.pack_channels(flat_keys, bits.keys, bits.key_group, counts) if bits.key_group else PackedTokens.pack(flat_keys, bits.keys)
+        values = PackedTokens.pack(view.values.float()[low].to(dtype), bits.values)
         if self.low is None:
             self.low = Segments(keys, values, positions, counts)
             return

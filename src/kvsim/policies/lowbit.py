@@ -1,8 +1,10 @@
 """Tokens kept at low precision, stored as packed integer codes: what MiKV-style retention holds.
 
-Codes come from `kvsim.policies.retention.quantize`, the same rounding the simulator applies, and
-are packed several to a byte when the bit width divides 8 (1, 2, 4, 8 bits); other widths keep one
-code per byte. Each token and head also keeps a scale and a zero point in the cache's dtype.
+Codes come from `kvsim.policies.retention.quantize` (or `quantize_channels`), the same rounding the
+simulator applies, and are packed several to a byte when the bit width divides 8 (1, 2, 4, 8 bits);
+other widths keep one code per byte. Each token and head also keeps a scale and a zero point in the
+cache's dtype, or, for KIVI's per-channel keys, each group of `group` tokens of a head keeps one
+per channel.
 """
 
 from __future__ import annotations
@@ -11,28 +13,45 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsim.policies.retention import dequantize, quantize
+from kvsim.policies.retention import dequantize, dequantize_channels, quantize, quantize_channels
 
 
 @dataclass
 class PackedTokens:
-    """Low-precision keys or values: codes [..., m, packed_dim] uint8, one row per token."""
+    """Low-precision keys or values: codes [..., m, packed_dim] uint8, one row per token.
+
+    Per token (group 0): scale and zero [..., m, 1]. Per channel (group G, flat rows of several
+    heads, `counts` tokens each): scale and zero [g, dim], each head's ceil(count / G) groups in turn.
+    """
 
     codes: torch.Tensor
-    scale: torch.Tensor  # [..., m, 1]
-    zero: torch.Tensor  # [..., m, 1]
+    scale: torch.Tensor
+    zero: torch.Tensor
     bits: int
     dim: int
+    group: int = 0
+    counts: list[int] | None = None
 
     @classmethod
     def pack(cls, x: torch.Tensor, bits: int) -> PackedTokens:
         codes, scale, zero = quantize(x.float(), bits)
         return cls(_pack(codes, bits), scale.to(x.dtype), zero.to(x.dtype), bits, x.shape[-1])
 
+    @classmethod
+    def pack_channels(cls, x: torch.Tensor, bits: int, group: int, counts: list[int]) -> PackedTokens:
+        """Flat [N, dim] rows, `counts[h]` of head h in position order, per channel over `group` tokens."""
+        parts = [quantize_channels(rows.float(), bits, group) for rows in torch.split(x, counts)]
+        codes, scale, zero = (torch.cat([part[i] for part in parts]) for i in range(3))
+        return cls(_pack(codes, bits), scale.to(x.dtype), zero.to(x.dtype), bits, x.shape[-1], group, list(counts))
+
     def unpack(self) -> torch.Tensor:
         """[..., m, dim] in the dtype of the scales: the values attention reads."""
         codes = _unpack(self.codes, self.bits, self.dim)
-        return dequantize(codes, self.scale.float(), self.zero.float()).to(self.scale.dtype)
+        if not self.group:
+            return dequantize(codes, self.scale.float(), self.zero.float()).to(self.scale.dtype)
+        groups = [-(-count // self.group) for count in self.counts]
+        heads = zip(torch.split(codes, self.counts), torch.split(self.scale.float(), groups), torch.split(self.zero.float(), groups))
+        return torch.cat([dequantize_channels(c, scale, zero, self.group) for c, scale, zero in heads]).to(self.scale.dtype)
 
     def serving_nbytes(self, element_bytes: int) -> int:
         """Bytes held, with scales and zero points counted at the serving dtype's `element_bytes`."""
@@ -41,6 +60,9 @@ class PackedTokens:
     @staticmethod
     def interleave(old: PackedTokens, old_counts: list[int], new: PackedTokens, new_counts: list[int]) -> PackedTokens:
         """Per-head ragged append: head h's new tokens follow head h's old ones (see `kvsim.policies.held`)."""
+        if old.group or new.group:
+            # Only mixed_precision groups keys per channel, and it picks its low-precision tokens once.
+            raise ValueError("per-channel keys are packed once, at the prompt's decision: they cannot be appended to")
         def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.cat([t for pair in zip(torch.split(a, old_counts), torch.split(b, new_counts)) for t in pair])
 

@@ -14,6 +14,7 @@ bytes buy; `kvsim.policies.held.handed_to_retention` picks which.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -22,13 +23,23 @@ from kvsim.policies.parts import Part, check, register
 
 # Depth groups a search gives their own key and value bit widths (`MixedPrecision.suggest`).
 DEPTH_GROUPS = 2
+# Key groupings a search tries: per token, or per channel over KIVI's 32 tokens (its group size G).
+KEY_GROUPS = [0, 32]
 
 
 class LowBits(NamedTuple):
-    """Bit widths of a layer's low-precision keys and values."""
+    """Bit widths of a layer's low-precision keys and values, and how keys are grouped.
+
+    key_group 0: each key has its own scale and zero point over its channels (per token, like
+    values). key_group G > 0: KIVI's per-channel keys (Liu et al., 2024, arXiv 2402.02750): each
+    channel of G consecutive low-precision keys of a head (in position order) shares a scale and a
+    zero point, since a few key channels carry outliers that a per-token range would spread over
+    every other channel.
+    """
 
     keys: int
     values: int
+    key_group: int = 0
 
 
 class Retained(NamedTuple):
@@ -57,10 +68,11 @@ class Retention(Part):
         spends part of the budget's bytes on low precision."""
         return budgets
 
-    def low_budgets(self, budgets: torch.Tensor, full: torch.Tensor, full_bytes: int, low_bytes: int) -> torch.Tensor | None:
+    def low_budgets(self, budgets: torch.Tensor, full: torch.Tensor, full_bytes: int, buy: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
         """Low-precision tokens per head that the bytes of `budgets` left after `full` full-precision
-        tokens buy (a token costs `full_bytes` at full precision, `low_bytes` at low); None when the
-        retention takes every evicted token, on top of the budget."""
+        tokens buy (a token costs `full_bytes` at full precision; `buy` turns spare bytes per head
+        into low-precision tokens, scales included); None when the retention takes every evicted
+        token, on top of the budget."""
         return None
 
     @property
@@ -147,31 +159,58 @@ class Quantize(Retention):
 
     def retain(self, keys, values, keep, evicted, layer=0, n_layers=1):
         low, bits = evicted[..., None], self.bits(layer, n_layers)
-        keys = torch.where(low, fake_quantize(keys, bits.keys), keys)
+        if bits.key_group:
+            quantized_keys = keys.clone()
+            for head in range(keys.shape[0]):
+                quantized_keys[head, evicted[head]] = fake_quantize_channels(keys[head, evicted[head]], bits.keys, bits.key_group)
+        else:
+            quantized_keys = fake_quantize(keys, bits.keys)
+        keys = torch.where(low, quantized_keys, keys)
         values = torch.where(low, fake_quantize(values, bits.values), values)
         return Retained(keys, values, evicted)
 
 
-def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes, scale, zero) along the last dimension: asymmetric round to nearest, codes in [0, 2^bits).
+def quantize(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero) along `dim`: asymmetric round to nearest, codes in [0, 2^bits).
 
-    codes are uint8 (one per element); scale and zero keep x's leading shape with a last dim of 1.
+    codes are uint8 (one per element); scale and zero keep x's shape with `dim` of size 1.
     The live cache stores these (packed); the simulator rebuilds values from them, so both read the
     same low-precision numbers.
     """
-    zero, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    zero, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     scale = ((high - zero) / (2**bits - 1)).clamp(min=1e-8)
     codes = ((x - zero) / scale).round().clamp(0, 2**bits - 1).to(torch.uint8)
     return codes, scale, zero
+
+
+def quantize_channels(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One head's [m, d] keys per channel over groups of `group` consecutive tokens (KIVI):
+    (codes [m, d], scale [g, d], zero [g, d]) with g = ceil(m / group) groups, the last one short."""
+    m, d = x.shape
+    groups = -(-m // group)
+    # Pad the last group with copies of its own last row: the group's minimum and maximum stay its own.
+    padded = torch.cat([x, x[-1:].expand(groups * group - m, d)]) if m else x.reshape(0, group, d)
+    codes, scale, zero = quantize(padded.reshape(groups, group, d), bits, dim=1)
+    return codes.reshape(-1, d)[:m], scale.reshape(groups, d), zero.reshape(groups, d)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return codes.to(scale.dtype) * scale + zero
 
 
+def dequantize_channels(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """[m, d] keys from `quantize_channels`' codes: token i reads its group's (i // group) scale and zero."""
+    return dequantize(codes, scale.repeat_interleave(group, 0)[: codes.shape[0]], zero.repeat_interleave(group, 0)[: codes.shape[0]])
+
+
 def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize along the last dimension to `bits` bits and back."""
     return dequantize(*quantize(x, bits))
+
+
+def fake_quantize_channels(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Quantize one head's [m, d] keys per channel in groups of `group` tokens, and back."""
+    return dequantize_channels(*quantize_channels(x, bits, group), group)
 
 
 @register
@@ -195,17 +234,20 @@ class MixedPrecision(Quantize):
     low-precision token here is quantized per token (KIVI's per-channel key groups are not built).
 
     Parameters: nbits (2), full_share (0.5, in [0, 1]; 1 is dropping, 0 all low precision),
-    key_bits, value_bits (empty: `nbits`; both given or neither, each width in [1, 8]).
+    key_bits, value_bits (empty: `nbits`; both given or neither, each width in [1, 8]), key_group
+    (0: keys per token; G ≥ 2: KIVI's per-channel keys over groups of G tokens, see `LowBits`).
     """
 
     name = "mixed_precision"
     full_share: float = 0.5
     key_bits: tuple[int, ...] = ()
     value_bits: tuple[int, ...] = ()
+    key_group: int = 0
 
     def validate(self) -> None:
         super().validate()
         check(0.0 <= self.full_share <= 1.0, self, f"full_share must be in [0, 1], got {self.full_share}")
+        check(self.key_group == 0 or self.key_group >= 2, self, f"key_group must be 0 (keys per token) or at least 2 tokens, got {self.key_group}")
         check(bool(self.key_bits) == bool(self.value_bits), self, "key_bits and value_bits go together: give both, or neither to use nbits")
         for name in ("key_bits", "value_bits"):
             widths = getattr(self, name)
@@ -214,16 +256,18 @@ class MixedPrecision(Quantize):
     @classmethod
     def suggest(cls, trial, prefix: str) -> MixedPrecision:
         full_share = trial.suggest_float(f"{prefix}full_share", 0.1, 0.9)
+        key_group = trial.suggest_categorical(f"{prefix}key_group", KEY_GROUPS)
         if not trial.suggest_categorical(f"{prefix}per_layer", [False, True]):
-            return cls(nbits=trial.suggest_int(f"{prefix}nbits", 2, 4), full_share=full_share)
+            return cls(nbits=trial.suggest_int(f"{prefix}nbits", 2, 4), full_share=full_share, key_group=key_group)
         return cls(
             full_share=full_share,
             key_bits=tuple(trial.suggest_categorical(f"{prefix}key_bits{g}", [2, 3, 4, 8]) for g in range(DEPTH_GROUPS)),
             value_bits=tuple(trial.suggest_categorical(f"{prefix}value_bits{g}", [2, 3, 4]) for g in range(DEPTH_GROUPS)),
+            key_group=key_group,
         )
 
     def trial_params(self, prefix: str) -> dict:
-        params = {f"{prefix}full_share": self.full_share, f"{prefix}per_layer": bool(self.key_bits)}
+        params = {f"{prefix}full_share": self.full_share, f"{prefix}key_group": self.key_group, f"{prefix}per_layer": bool(self.key_bits)}
         if not self.key_bits:
             return params | {f"{prefix}nbits": self.nbits}
         widths = {f"{prefix}key_bits{g}": bits for g, bits in enumerate(self.key_bits)}
@@ -231,11 +275,12 @@ class MixedPrecision(Quantize):
 
     def bits(self, layer: int = 0, n_layers: int = 1) -> LowBits | None:
         if not self.key_bits:
-            return LowBits(self.nbits, self.nbits)
-        return LowBits(self.key_bits[layer * len(self.key_bits) // n_layers], self.value_bits[layer * len(self.value_bits) // n_layers])
+            return LowBits(self.nbits, self.nbits, self.key_group)
+        key_bits, value_bits = self.key_bits[layer * len(self.key_bits) // n_layers], self.value_bits[layer * len(self.value_bits) // n_layers]
+        return LowBits(key_bits, value_bits, self.key_group)
 
     def full_budgets(self, budgets: torch.Tensor) -> torch.Tensor:
         return (budgets.double() * self.full_share).round().to(budgets.dtype)
 
-    def low_budgets(self, budgets: torch.Tensor, full: torch.Tensor, full_bytes: int, low_bytes: int) -> torch.Tensor | None:
-        return (budgets - full).clamp(min=0) * full_bytes // low_bytes
+    def low_budgets(self, budgets, full, full_bytes, buy):
+        return buy((budgets - full).clamp(min=0) * full_bytes)

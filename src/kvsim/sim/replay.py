@@ -73,7 +73,7 @@ def _prefill_once(retention: Retention, view: CacheView, full: ContinuationAtten
         keys = _at(torch.cat([retained.keys, full.keys[:, view.length :]], dim=1), columns)
         values = _at(torch.cat([retained.values, full.values[:, view.length :]], dim=1), columns)
     sums = block_metrics(full, columns, readable, keys=keys, values=values)
-    return _outcome(retention, view, sums, int(keep.sum()), int(retained.low_precision.sum()))
+    return _outcome(retention, view, sums, int(keep.sum()), retained.low_precision.sum(1))
 
 
 def _at(tensor: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def replay_stepwise(
     accumulated scores), and on the schedule's steps every head is brought back to its budget.
     `on_row` sees the layer after each row (the sim-equals-live tests compare it step by step)."""
     layer = HeldLayer.after_prefill(policy, view, keep, budgets, max(policy.observation_window, 1), torch.float32)
-    held_after_prefill = layer.held_tokens()
+    held_after_prefill = layer.held_tokens()[0], layer.low_counts()
     heads, head_dim = view.heads, view.keys.shape[-1]
     readable = torch.zeros(view.kv_heads, full.rows, full.total, dtype=torch.bool)
     outputs = []
@@ -114,6 +114,8 @@ def replay_stepwise(
     return _outcome(policy.retention, view, sums, *held_after_prefill)
 
 
-def _outcome(retention: Retention, view: CacheView, sums: MetricSums, kept: int, low: int) -> LayerOutcome:
-    """kept and low are the tokens held right after the prompt's decision: what kv_bytes counts."""
-    return LayerOutcome(view.layer, sums, kept, low, kv_bytes(kept, low, view.keys.shape[-1], retention.bits(view.layer, view.n_layers)))
+def _outcome(retention: Retention, view: CacheView, sums: MetricSums, kept: int, low: torch.Tensor) -> LayerOutcome:
+    """kept (in all) and low ([kv] per head) are the tokens held right after the prompt's decision:
+    what kv_bytes counts."""
+    bits = retention.bits(view.layer, view.n_layers)
+    return LayerOutcome(view.layer, sums, kept, int(low.sum()), kv_bytes(kept, low, view.keys.shape[-1], bits))
