@@ -60,7 +60,7 @@ from kvsim.search import SearchSettings, search
 from kvsim.search.compare import Comparison, against_best_preset, bootstrap_ci, compare_with_presets, summary_line
 from kvsim.traces.capture import CaptureSettings, capture_traceset
 from kvsim.traces.models import DEFAULT_MODEL, LoadedModel, eos_token_ids, load_model
-from kvsim.traces.store import TraceSample, TraceSet
+from kvsim.traces.store import FORMAT_VERSION, TraceSample, TraceSet
 from kvsim.traces.workloads import DEFAULT_MIX, Haystack, build_workload, score
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,6 +91,13 @@ def capture(loaded: LoadedModel, spec: str, n: int, seed: int, out: Path, args, 
         elif event == "skipped":
             reused.append(sample.sample_id)
 
+    if (out / "manifest.parquet").exists() and TraceSet.open(out).meta["format_version"] < FORMAT_VERSION:
+        # An earlier format's TraceSet (no stored continuation attention) serves the live runs as it
+        # is: they read the prompt, the continuation and its stored top-k, which every format holds.
+        earlier = TraceSet.open(out)
+        if all(len(list(earlier.samples(mode))) >= n for mode in settings.modes):
+            notes.append(f"{out} (format {earlier.meta['format_version']}) was captured earlier and reused as it is")
+            return earlier
     traceset = capture_traceset(loaded, samples, out, settings, workload, report)
     if reused:
         notes.append(f"{len(reused)} of {n} samples of {spec} (seed {seed}) were already captured in {out} and reused: their capture time is not in the wall time")
