@@ -41,6 +41,7 @@ import optuna
 
 from kvsim.errors import KvsimError
 from kvsim.policies import PRESETS, Budget, Policy
+from kvsim.search.neighbours import NEIGHBOURS_ATTR
 from kvsim.search.space import PRESET_ATTR, suggest_policy
 from kvsim.sim.exact import ExactEvaluator
 from kvsim.sim.simulate import PreparedSample, policy_layer_count, prepare_sample, sim_score
@@ -58,6 +59,10 @@ BYTE_REFERENCE = PRESETS["snapkv"]
 BYTE_TOLERANCE = 1.01
 # Written on every trial so a dead worker's running trials can be found (see kvsim.search.run).
 WORKER_ATTR = "worker"
+# The trial attribute naming the complete trial whose policy a trial redrew (its value is reused).
+DUPLICATE_ATTR = "duplicate_of"
+# A twin's attributes that describe that trial, not the policy's evaluation.
+NOT_COPIED = frozenset({"policy", WORKER_ATTR, PRESET_ATTR, NEIGHBOURS_ATTR})
 
 
 def worker_tag() -> str:
@@ -136,6 +141,7 @@ class Objective:
     exact: ExactEvaluator | None = None  # None: the proxy tier alone decides
     promote: float = DEFAULT_PROMOTE
     base: Policy | None = None  # the `allocation` space's other parts (None: SnapKV's)
+    _decision_keys: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # complete trials' policies, by number
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr(WORKER_ATTR, worker_tag())
@@ -143,6 +149,15 @@ class Objective:
         budget = self.budget.suggest(trial) if isinstance(self.budget, BudgetRange) else self.budget
         trial.set_user_attr("policy", policy.to_spec())
         trial.set_user_attr("budget", budget.value)
+        twin = self._evaluated_twin(trial, policy) if self.objective == "quality" else None
+        if twin is not None:
+            # TPE redraws a good policy often (four of 50 trials once); its value is known, so the
+            # trial costs nothing and the sampler still sees the point it chose.
+            for name, value in twin.user_attrs.items():
+                if name not in NOT_COPIED:
+                    trial.set_user_attr(name, value)
+            trial.set_user_attr(DUPLICATE_ATTR, twin.number)
+            return twin.value
         try:
             traceset = self.evaluator.traceset
             policy.check_traces(policy_layer_count(traceset), traceset.meta["window"], traceset.statistics)
@@ -156,6 +171,16 @@ class Objective:
         if self.objective == "pareto":
             return value, proxy.kv_bytes / 2**20
         return value
+
+    def _evaluated_twin(self, trial: optuna.Trial, policy: Policy) -> optuna.trial.FrozenTrial | None:
+        """A complete trial of the study that evaluated the same policy (by decision), if any."""
+        key = policy.decision_key()
+        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if other.number not in self._decision_keys:
+                self._decision_keys[other.number] = Policy.from_spec(other.user_attrs["policy"]).decision_key()
+            if self._decision_keys[other.number] == key:
+                return other
+        return None
 
     def _proxy(self, trial: optuna.Trial, policy: Policy, budget: Budget) -> SampleResult:
         if self.objective == "pareto":

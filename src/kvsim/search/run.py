@@ -33,6 +33,7 @@ from kvsim.paths import ensure_writable_dir
 from kvsim.policies import Budget, resolve_policy
 from kvsim.live.validate import check_model_matches
 from kvsim.search.objective import DEFAULT_PROMOTE, OBJECTIVES, TIERS, BudgetRange, Evaluator, Objective
+from kvsim.search.neighbours import enqueue_neighbours
 from kvsim.search.rundir import SearchRun
 from kvsim.search.space import DEFAULT_BASE, flat_allocation_trial, preset_trials
 from kvsim.search.split import Split, split_samples
@@ -236,8 +237,16 @@ def _optimize(
         Evaluator(prepared.traceset, settings.mode), prepared.split.search, settings.budget, settings.objective, settings.space,
         prepared.exact_evaluator(loaded), settings.promote, resolve_policy(settings.base),
     )
+    n_layers = policy_layer_count(prepared.traceset)
+    local_search = settings.objective == "quality" and settings.space != "allocation"
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if local_search:
+            enqueue_neighbours(study, settings.space, n_layers)
+        after_trial(study)
+
     with one_torch_thread():
-        study.optimize(objective, n_trials=trials, callbacks=[lambda study, trial: after_trial(study)], gc_after_trial=False)
+        study.optimize(objective, n_trials=trials, callbacks=[callback], gc_after_trial=False)
 
 
 @contextlib.contextmanager
