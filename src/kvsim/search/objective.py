@@ -198,7 +198,8 @@ class Objective:
     def _exact(self, trial: optuna.Trial, policy: Policy, budget: Budget) -> float:
         threshold = promotion_threshold(trial, self.promote)
         sim = trial.user_attrs["sim_score"]
-        if not is_preset(trial) and threshold is not None and sim < threshold:
+        # Presets and the local step's neighbours are deliberate points: the proxy does not screen them.
+        if not is_preset(trial) and NEIGHBOURS_ATTR not in trial.user_attrs and threshold is not None and sim < threshold:
             trial.set_user_attr("tier", "proxy")
             raise optuna.TrialPruned(f"proxy sim_score {sim:.4f} below the promotion threshold {threshold:.4f} of its scorer family")
         trial.set_user_attr("tier", "exact")
