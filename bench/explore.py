@@ -7,7 +7,8 @@ scorer family, the model ranks by the answer's log-likelihood on the search samp
 its trials table:
 
 - the best-so-far curve of the objective over trial numbers, against the best enqueued preset;
-- every trial that raised the best, with the policy it was (scorer, allocator, schedule, retention);
+- every trial that raised the best, with the policy it was (scorer, allocator, schedule, retention)
+  and where it came from (an enqueued preset, the local step around the best preset, the sampler);
 - the best after 15, 50, 100 and all trials, and the last improvement's trial number;
 - the search's own verdict on its validation samples (the winner against the best preset there).
 
@@ -59,7 +60,8 @@ def improvements(curve: pl.DataFrame) -> list[dict]:
     for row in curve.iter_rows(named=True):
         if row["value"] > best:
             best = row["value"]
-            out.append({"trial": row["number"], "value": row["value"], "preset": row["preset"], "policy": describe(row["policy"])})
+            origin = row["preset"] or (f"neighbour of {row['neighbour_of']}" if row["neighbour_of"] is not None else "sampled")
+            out.append({"trial": row["number"], "value": row["value"], "origin": origin, "policy": describe(row["policy"])})
     return out
 
 
@@ -72,9 +74,11 @@ def plot(path: Path, trials: pl.DataFrame, curve: pl.DataFrame, best_preset: flo
     fig, ax = plt.subplots(figsize=(9, 4.5))
     pruned = trials.filter(pl.col("state") == "PRUNED")
     presets = curve.filter(pl.col("preset").is_not_null())
-    composed = curve.filter(pl.col("preset").is_null())
-    ax.scatter(composed["number"], composed["value"], s=12, color="tab:blue", label="composed trial")
+    moves = curve.filter(pl.col("neighbour_of").is_not_null())
+    sampled = curve.filter(pl.col("preset").is_null() & pl.col("neighbour_of").is_null())
+    ax.scatter(sampled["number"], sampled["value"], s=12, color="tab:blue", label="sampled composition")
     ax.scatter(presets["number"], presets["value"], s=18, marker="s", color="tab:orange", label="enqueued preset")
+    ax.scatter(moves["number"], moves["value"], s=22, marker="^", color="tab:green", label="local step (best preset's neighbour)")
     ax.scatter(pruned["number"], pruned["value"], s=8, color="lightgray", label="pruned (running value)")
     ax.step(curve["number"], curve["best"], where="post", color="black", linewidth=1.8, label="best so far")
     ax.axhline(best_preset, color="tab:orange", linestyle="--", linewidth=1, label="best preset")
@@ -114,9 +118,9 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         "## Trials that raised the best",
         "",
-        "| trial | answer log-lik. | preset | policy |",
+        "| trial | answer log-lik. | origin | policy |",
         "|---|---|---|---|",
-        *(f"| {i['trial']} | {i['value']:.3f} | {i['preset'] or '–'} | {i['policy']} |" for i in result["improvements"]),
+        *(f"| {i['trial']} | {i['value']:.3f} | {i['origin']} | {i['policy']} |" for i in result["improvements"]),
     ]
     path.write_text("\n".join(lines) + "\n")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+import polars as pl
 import pytest
 from optuna.trial import FixedTrial
 
@@ -51,6 +52,8 @@ def test_once_the_presets_ran_the_best_ones_neighbours_are_enqueued_and_run(tmp_
     ran = [t for t in moved if t.state.is_finished()]
     assert len(moved) >= 8 and len(ran) == 6  # the trials after the presets were neighbours; the rest wait for a resumed run
     assert min(t.number for t in moved) > max(preset_numbers)
+    table = pl.read_parquet(run.rundir / "trials.parquet")
+    assert table.filter(pl.col("neighbour_of").is_not_null())["number"].to_list() == [t.number for t in moved]
     best_policy = PRESETS[best.user_attrs[PRESET_ATTR]]
     for trial in ran:
         assert trial.user_attrs[NEIGHBOURS_ATTR] == best.number

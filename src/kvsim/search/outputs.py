@@ -18,7 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kvsim.policies import PRESETS, Budget, Policy
 from kvsim.policies.compress import allocate
-from kvsim.search.objective import WORKER_ATTR, Evaluator, scorer_family
+from kvsim.search.neighbours import NEIGHBOURS_ATTR
+from kvsim.search.objective import DUPLICATE_ATTR, WORKER_ATTR, Evaluator, scorer_family
 from kvsim.search.run import Prepared, settings_json
 from kvsim.search.space import PRESET_ATTR, space_presets
 from kvsim.sim.exact import ExactEvaluator
@@ -41,6 +42,8 @@ TRIALS_SCHEMA = {
     "kv_mib": pl.Float64,
     "budget": pl.Float64,
     "preset": pl.String,
+    "neighbour_of": pl.Int64,
+    "duplicate_of": pl.Int64,
     "scorer": pl.String,
     "pruned_after_samples": pl.Int64,
     "duration_s": pl.Float64,
@@ -72,6 +75,8 @@ def trials_table(study: optuna.Study) -> pl.DataFrame:
             "kv_mib": attrs.get("kv_mib"),
             "budget": attrs.get("budget"),
             "preset": attrs.get(PRESET_ATTR),
+            "neighbour_of": attrs.get(NEIGHBOURS_ATTR),
+            "duplicate_of": attrs.get(DUPLICATE_ATTR),
             "scorer": scorer_family(trial),
             "pruned_after_samples": last_step,
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
