@@ -27,11 +27,15 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import polars as pl
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from machine import machine_info  # bench/machine.py (the script's folder is on sys.path)
 from kvsim.policies import Budget
 from kvsim.search import SearchSettings, search
+from kvsim.search.outputs import trials_table
 
 RESULTS = Path(__file__).parent / "results"
 CHECKPOINTS = (15, 50, 100)
@@ -82,8 +86,8 @@ def plot(path: Path, trials: pl.DataFrame, curve: pl.DataFrame, best_preset: flo
     ax.scatter(pruned["number"], pruned["value"], s=8, color="lightgray", label="pruned (running value)")
     ax.step(curve["number"], curve["best"], where="post", color="black", linewidth=1.8, label="best so far")
     ax.axhline(best_preset, color="tab:orange", linestyle="--", linewidth=1, label="best preset")
-    low = min(best_preset, float(curve["best"][0])) - 0.5
-    ax.set_ylim(low, float(curve["best"].max()) + 0.1)
+    # Near the best preset, where the search has to win; weak trials fall below the axis.
+    ax.set_ylim(best_preset - 0.6, float(curve["best"].max()) + 0.1)
     ax.set_xlabel("trial")
     ax.set_ylabel("answer log-likelihood (search samples)")
     ax.set_title(title, fontsize=10)
@@ -98,7 +102,7 @@ def write_markdown(path: Path, result: dict) -> None:
     lines = [
         f"# Exploration: the best-so-far curve of a {s['trials']}-trial search",
         "",
-        f"Command: `{result['command']}`. Wall time {result['wall_s'] / 60:.1f} min; load average at start/end "
+        f"Command: `{result['command']}`. Wall time {result['wall_s'] / 60:.1f} min (with --existing: reading a finished run); load average at start/end "
         f"{result['machine']['load_average']['start'][0]:.2f} / {result['machine']['load_average']['end'][0]:.2f} on "
         f"{result['machine']['cpu_count']} cores.",
         "",
@@ -108,7 +112,7 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         f"- Trials: {result['trials']['complete']} complete, {result['trials']['pruned']} pruned.",
         f"- Best preset on the search samples: **{result['best_preset']['name']}** {result['best_preset']['value']:.3f}.",
-        "- Best so far after " + ", ".join(f"{n} trials: {v:.3f}" for n, v in checkpoints.items() if v is not None)
+        "- Best so far after " + ", ".join(f"{n} trials: {v:.3f}" for n, v in checkpoints.items())
         + f"; after all: **{result['best']:.3f}** ({result['best'] - result['best_preset']['value']:+.3f} over the best preset).",
         f"- Improvements of the best: {len(result['improvements'])}, the last at trial {result['improvements'][-1]['trial']}; "
         f"{sum(1 for i in result['improvements'] if i['trial'] >= 50)} of them at trial 50 or later.",
@@ -127,20 +131,28 @@ def write_markdown(path: Path, result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--traces", required=True)
+    parser.add_argument("--traces", help="the TraceSet to search (not with --existing)")
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--mode", default="query-agnostic")
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--validation", type=float, default=0.34)
     parser.add_argument("--rundir", default="runs/explore")
+    parser.add_argument("--existing", action="store_true", help="read the finished search in --rundir instead of running one")
     args = parser.parse_args()
     load_at_start, started = os.getloadavg(), time.perf_counter()
     rundir = Path(args.rundir)
-    settings = SearchSettings(traces=Path(args.traces), budget=Budget(args.budget), rundir=rundir, trials=args.trials, workers=args.workers,
-                              prefill_only=True, study=f"explore-{args.mode}-{args.budget:g}", mode=args.mode, validation=args.validation, test=0.0)
-    summary = search(settings).summary()
-    trials = pl.read_parquet(rundir / "trials.parquet")
+    if args.existing:
+        summary = json.loads((rundir / "search.json").read_text())
+        args.traces, args.budget, args.mode = summary["traces"], summary["budget"], summary["mode"]
+        args.trials, args.workers = sum(summary["trials"].values()), summary["settings"]["workers"]
+    else:
+        settings = SearchSettings(traces=Path(args.traces), budget=Budget(args.budget), rundir=rundir, trials=args.trials, workers=args.workers,
+                                  prefill_only=True, study=f"explore-{args.mode}-{args.budget:g}", mode=args.mode, validation=args.validation, test=0.0)
+        summary = search(settings).summary()
+    # From the study itself, with this version's columns (a run folder of an older kvsim lacks some).
+    storage = JournalStorage(JournalFileBackend(summary["storage"])) if summary["storage"].endswith(".journal") else summary["storage"]
+    trials = trials_table(optuna.load_study(study_name=summary["study"], storage=storage))
     curve = best_so_far(trials)
     presets = curve.filter(pl.col("preset").is_not_null()).sort("value", descending=True)
     best_preset = {"name": presets["preset"][0], "value": presets["value"][0]}
@@ -152,7 +164,7 @@ def main() -> None:
         "trials": summary["trials"],
         "best_preset": best_preset,
         "best": float(curve["best"].max()),
-        "checkpoints": {n: (float(curve.filter(pl.col("number") < n)["best"].max()) if (curve["number"] < n).any() else None) for n in CHECKPOINTS},
+        "checkpoints": {n: float(curve.filter(pl.col("number") < n)["best"].max()) for n in CHECKPOINTS if n < len(trials) and (curve["number"] < n).any()},
         "improvements": improvements(curve),
         "validation_line": validation_line(summary),
         "winner": summary["top"][0],
@@ -160,15 +172,15 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "explore.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(RESULTS / "explore.png", trials, curve, best_preset["value"], f"{args.mode}, budget {args.budget:g}: {args.trials} trials")
+    plot(RESULTS / "explore.png", trials, curve, best_preset["value"], f"{args.mode}, budget {args.budget:g}: {args.trials} trials (weaker than best preset − 0.6 below the axis)")
     write_markdown(RESULTS / "explore.md", result)
     print((RESULTS / "explore.md").read_text())
 
 
 def validation_line(summary: dict) -> str:
-    """The winner and the best preset by answer log-likelihood on the validation samples."""
+    """The winner and the best preset (the full cache is not one) by answer log-likelihood on the validation samples."""
     winner = summary["top"][0]
-    preset = max(summary["presets"], key=lambda p: p["validation"]["answer_logprob"])
+    preset = max((p for p in summary["presets"] if p["name"] != "full"), key=lambda p: p["validation"]["answer_logprob"])
     return (f"winner `{winner['name']}` {winner['validation']['answer_logprob']:.3f} against the best preset there, "
             f"`{preset['name']}`, {preset['validation']['answer_logprob']:.3f}")
 
