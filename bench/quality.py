@@ -124,7 +124,7 @@ def searched_winner(traces: Path, mode: str, budget: float, args, notes: list[st
                 "search_value": best["search_value"], "validation": best["validation"], "trials": summary["trials"],
                 "scored_exactly": int((trials["tier"] == "exact").sum()), "seconds": round(time.perf_counter() - started),
                 "search_samples": summary["samples"]["search"], "validation_samples": summary["samples"]["validation"],
-                "best_preset_on_validation": max(summary["presets"], key=lambda p: p["validation"]["answer_logprob"])["name"]}
+                "best_preset_on_validation": max((p for p in summary["presets"] if p["name"] != FULL), key=lambda p: p["validation"]["answer_logprob"])["name"]}
         saved.write_text(json.dumps(info, indent=2) + "\n")
         log(f"searched {mode} at {budget:g}: {args.trials} trials in {info['seconds']} s, winner {info['name']}, "
             f"answer log-lik. {info['validation']['answer_logprob']:.3f} on validation samples")
@@ -532,10 +532,10 @@ def main() -> None:
             "verdicts": {mode: verdicts(tables[mode], summary[mode]) for mode in tables},
             "summary": summary,
             "winners": winner_info,
-            "notes": notes + ([f"{len(reused)} samples' preset and kvpress rows come from an earlier run of this script ({', '.join(args.reuse_rows)}); "
-                               "on each the full cache re-ran and reproduced its row within 1e-4, and on this part's first one every preset did too; "
-                               "the searched rows are this run's"] if reused else [])
-                     + ([f"kvpress ran on the first {args.kvpress_samples} query-agnostic samples of each of the {parts} parts"] if press_names and args.kvpress_samples else [])
+            "notes": notes + ([f"part {args.part}: {len(reused)} samples' preset and kvpress rows come from an earlier run of this script "
+                               f"({', '.join(args.reuse_rows)}); on each the full cache re-ran and reproduced its row within 1e-4, and on the "
+                               "part's first one every preset did too; the searched rows are this run's"] if reused else [])
+                     + ([f"kvpress ran on {len({r['sample_id'] for r in every_part if r['kind'] == 'kvpress'})} query-agnostic samples"] if press_names else [])
                      + ([f"the live phase ran in {parts} processes side by side (--part), each on every {parts}th sample; wall time is this part's"] if parts > 1 else []),
             "rows": every_part,
             "machine": machine_info(load_at_start),
