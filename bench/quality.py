@@ -91,10 +91,10 @@ def capture(loaded: LoadedModel, spec: str, n: int, seed: int, out: Path, args, 
         elif event == "skipped":
             reused.append(sample.sample_id)
 
-    if (out / "manifest.parquet").exists() and TraceSet.open(out).meta["format_version"] < FORMAT_VERSION:
+    earlier = TraceSet.open(out) if (out / "manifest.parquet").exists() else None
+    if earlier is not None and earlier.meta["format_version"] < FORMAT_VERSION:
         # An earlier format's TraceSet (no stored continuation attention) serves the live runs as it
         # is: they read the prompt, the continuation and its stored top-k, which every format holds.
-        earlier = TraceSet.open(out)
         if all(len(list(earlier.samples(mode))) >= n for mode in settings.modes):
             notes.append(f"{out} (format {earlier.meta['format_version']}) was captured earlier and reused as it is")
             return earlier

@@ -13,8 +13,8 @@ bytes buy; `kvsim.policies.held.handed_to_retention` picks which.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
