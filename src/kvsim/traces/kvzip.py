@@ -55,22 +55,26 @@ class _Reconstruction:
         return causal_sdpa(query, key, value, scaling, window)
 
     def _span_maxima(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-        """[heads, end − start]: each span token's largest attention from any repeat query."""
+        """[heads, end − start]: each span token's largest attention from any repeat query.
+
+        A probability is exp(logit − logsumexp of its row), so the largest over rows is taken on
+        logit − logsumexp and exponentiated once: no row's full softmax is written."""
         heads, n, head_dim = query.shape
         kv_heads = key.shape[0]
         sinks = min(SINKS, self.start)
-        keys = torch.cat([key[:, :sinks], key[:, self.start : self.end], key[:, -n:]], dim=1).float()
+        keys = torch.cat([key[:, :sinks], key[:, self.start : self.end], key[:, -n:]], dim=1).float().transpose(-1, -2)[:, None]
         span = slice(sinks, sinks + self.end - self.start)
-        grouped = query.float().reshape(kv_heads, heads // kv_heads, n, head_dim)
-        best = torch.zeros(heads, self.end - self.start)
+        repeat = keys.shape[-1] - n
+        grouped = query.float().reshape(kv_heads, heads // kv_heads, n, head_dim) * scaling
+        best = torch.full((kv_heads, heads // kv_heads, self.end - self.start), float("-inf"))
         for first in range(0, n, ROWS_PER_BLOCK):
-            rows = torch.arange(first, min(first + ROWS_PER_BLOCK, n))
-            logits = torch.matmul(grouped[:, :, rows], keys.transpose(-1, -2)[:, None]) * scaling
-            future = torch.arange(n)[None, :] > rows[:, None]  # causal inside the repeat
-            logits[..., keys.shape[1] - n :] = logits[..., keys.shape[1] - n :].masked_fill(future, float("-inf"))
-            probs = logits.softmax(-1)[..., span].amax(2).reshape(heads, -1)
-            best = torch.maximum(best, probs)
-        return best
+            last = min(first + ROWS_PER_BLOCK, n)
+            logits = torch.matmul(grouped[:, :, first:last], keys)
+            future = torch.arange(n)[None, :] > torch.arange(first, last)[:, None]  # causal inside the repeat
+            logits[..., repeat:].masked_fill_(future, float("-inf"))
+            log_probs = logits[..., span] - torch.logsumexp(logits, -1, keepdim=True)
+            best = torch.maximum(best, log_probs.amax(2))
+        return best.exp().reshape(heads, -1)
 
 
 _active: ContextVar[_Reconstruction | None] = ContextVar("kvsim_kvzip", default=None)
