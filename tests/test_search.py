@@ -103,6 +103,13 @@ def test_a_prefill_only_search_runs_its_presets_first_and_names_those_it_cannot_
     assert "[yellow]" not in output  # the CLI console prints no markup
     summary = json.loads((tmp_path / "run" / "search.json").read_text())
     assert {p["name"] for p in summary["presets"]} >= {"full", "keydiff"} and "tova" not in {p["name"] for p in summary["presets"]}
+    # Without validation samples the search samples stand in: the presets' trials are reused, with the numbers a re-run gives.
+    evaluator = Evaluator(TraceSet.open(traces), summary["mode"])
+    for preset in summary["presets"]:
+        again = evaluator.mean(PRESETS[preset["name"]], Budget(0.5), summary["samples"]["search"])
+        assert preset["validation"]["sim_score"] == pytest.approx(again.sim_score, abs=1e-12), preset["name"]
+        assert preset["validation"]["kv_mib"] == pytest.approx(again.kv_bytes / 2**20, abs=1e-12)
+    assert sum(p["trial"] is not None for p in summary["presets"]) == 3
 
 
 def test_resuming_a_study_adds_trials(traces, tmp_path):
@@ -117,6 +124,16 @@ def test_resuming_a_study_adds_trials(traces, tmp_path):
     assert after.head(4).select("number", "params", "sim_score").equals(before.select("number", "params", "sim_score"))
     assert sum(json.loads((tmp_path / "search.json").read_text())["trials"].values()) == 7
     assert "report.html" in second.output and (tmp_path / "report.html").stat().st_size > 10_000
+
+
+def test_a_time_limit_stops_the_search_before_its_trial_count(traces, tmp_path):
+    # 6 s of trials cannot run 10,000 (a proxy trial here takes milliseconds, so some do run).
+    result = kvsim("search", "--traces", traces, "--budget", "0.1", "--sampler", "cmaes", "--trials", 10_000, "--time-limit", 0.1,
+                   "--validation", 0, "--test", 0, "--tier", "proxy", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    finished = len(pl.read_parquet(tmp_path / "trials.parquet"))
+    assert 1 < finished < 10_000
+    assert kvsim("search", "--traces", traces, "--budget", "0.1", "--time-limit", 0, "--out", tmp_path / "x").exit_code != 0
 
 
 def test_two_workers_on_one_journal_file_lose_and_duplicate_no_trial(traces, tmp_path):

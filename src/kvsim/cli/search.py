@@ -27,6 +27,9 @@ def search(
     ),
     out: Path = typer.Option(..., "--out", help="Run folder: the embedded study, trials.parquet, top/, report.html, search.json."),
     trials: int = typer.Option(100, help="Trials this run adds to the study (shared by its workers)."),
+    time_limit: float | None = typer.Option(
+        None, "--time-limit", min=0.1, help="Minutes of trials per worker: no trial starts after them (the run stops at --trials or here, whichever comes first)."
+    ),
     study: str = typer.Option("kvsim", help="Study name; running again with the same name resumes it."),
     objective: str = typer.Option("quality", help=f"{' or '.join(OBJECTIVES)}: the best policy at the budget, or quality vs KV bytes."),
     tier: str = typer.Option(
@@ -61,6 +64,7 @@ def search(
         traces=traces, budget=parse_budget(budget), rundir=out, study=study, trials=trials, objective=objective,
         storage=storage, workers=workers, sampler=sampler, mode=mode, seed=seed, validation=validation, test=test, top=top,
         tier=tier, promote=promote, heartbeat_s=heartbeat, prefill_only=prefill_only, base=base,
+        time_limit_s=None if time_limit is None else 60 * time_limit,
     )
     # The bar starts once the inputs are checked, so a bad input prints its error line alone.
     progress, bars = progress_bars(), []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import optuna
 import polars as pl
@@ -22,7 +22,7 @@ from kvsim.search.neighbours import NEIGHBOURS_ATTR
 from kvsim.search.objective import DUPLICATE_ATTR, WORKER_ATTR, Evaluator, scorer_family
 from kvsim.search.run import Prepared, settings_json
 from kvsim.search.space import PRESET_ATTR, space_presets
-from kvsim.sim.exact import ExactEvaluator
+from kvsim.sim.exact import ExactEvaluator, ExactResult
 
 # The best trials re-ranked on the validation samples (at least --top of them).
 RERANK = 5
@@ -132,11 +132,17 @@ def score_on_validation(
     samples = split.validation or split.search
     candidates = best_trials(study, settings.objective, max(settings.top, RERANK))
 
+    names = ["sim_score", "kv_mib", *(f.name for f in fields(ExactResult) if exact is not None)]
+
     def scored(name: str, policy: Policy, budget: Budget, trial: FrozenTrial | None) -> Scored:
-        proxy_result = proxy.mean(policy, budget, samples)
-        metrics = {"sim_score": proxy_result.sim_score, "kv_mib": proxy_result.kv_bytes / 2**20}
-        if exact is not None:
-            metrics |= asdict(exact.mean(policy, budget, samples))
+        if not split.validation and trial is not None and trial.state == TrialState.COMPLETE:
+            # A complete trial was scored on every search sample, the ones standing in here: the same numbers.
+            metrics = {metric: trial.user_attrs[metric] for metric in names}
+        else:
+            proxy_result = proxy.mean(policy, budget, samples)
+            metrics = {"sim_score": proxy_result.sim_score, "kv_mib": proxy_result.kv_bytes / 2**20}
+            if exact is not None:
+                metrics |= asdict(exact.mean(policy, budget, samples))
         value = trial.values[0] if trial is not None else None
         return Scored(name, policy.to_spec(), budget.value, None if trial is None else trial.number, value, metrics)
 

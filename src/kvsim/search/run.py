@@ -69,6 +69,7 @@ class SearchSettings:
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
     prefill_only: bool = False  # compositions and presets that decide once at prefill (kvsim.search.space)
     base: str = DEFAULT_BASE  # the allocation space's other parts: a preset name or a .json spec
+    time_limit_s: float | None = None  # each worker starts no trial after this many seconds of trials (Optuna's timeout)
 
     @property
     def space(self) -> str:
@@ -246,7 +247,7 @@ def _optimize(
         after_trial(study)
 
     with one_torch_thread():
-        study.optimize(objective, n_trials=trials, callbacks=[callback], gc_after_trial=False)
+        study.optimize(objective, n_trials=trials, timeout=settings.time_limit_s, callbacks=[callback], gc_after_trial=False)
 
 
 @contextlib.contextmanager
