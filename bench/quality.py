@@ -371,6 +371,10 @@ def plot(path: Path, result: dict) -> None:
 
     modes = result["settings"]["modes"]
     fig, axes = plt.subplots(2, len(modes), figsize=(6.2 * len(modes), 7.5), squeeze=False)
+    # One colour per policy across every panel (kvpress's presses appear in one mode only).
+    palette = [*matplotlib.colormaps["tab10"].colors[1:], *matplotlib.colormaps["Dark2"].colors, *matplotlib.colormaps["Set1"].colors]
+    names = sorted({s["policy"] for stats in result["summary"].values() for s in stats} - {SEARCHED, FULL})
+    colors = {SEARCHED: matplotlib.colormaps["tab10"].colors[0], FULL: "black"} | {name: palette[i % len(palette)] for i, name in enumerate(names)}
     for col, mode in enumerate(modes):
         stats = result["summary"].get(mode, [])
         highlighted = {SEARCHED, FULL} | {v["vs_best_preset"]["rival"] for v in result["verdicts"].get(mode, [])}
@@ -378,12 +382,12 @@ def plot(path: Path, result: dict) -> None:
             series = sorted((s for s in stats if s["policy"] == policy), key=lambda s: float(s["budget"]))
             budgets = [float(s["budget"]) for s in series]
             bold = policy in highlighted
-            style = {"linewidth": 2.2 if bold else 0.8, "alpha": 1.0 if bold else 0.45, "label": policy,
+            style = {"linewidth": 2.2 if bold else 0.8, "alpha": 1.0 if bold else 0.45, "label": policy, "color": colors[policy],
                      "linestyle": "--" if series[0]["kind"] == "kvpress" else "-", "marker": "o" if bold else None}
             for ax, metric in zip(axes[:, col], ("answer_logprob", "score")):
-                line = ax.plot(budgets, [s[metric] for s in series], **style)[0]
+                ax.plot(budgets, [s[metric] for s in series], **style)
                 if bold:
-                    ax.fill_between(budgets, [s[f"{metric}_ci"][0] for s in series], [s[f"{metric}_ci"][1] for s in series], color=line.get_color(), alpha=0.12)
+                    ax.fill_between(budgets, [s[f"{metric}_ci"][0] for s in series], [s[f"{metric}_ci"][1] for s in series], color=colors[policy], alpha=0.12)
         axes[0][col].set_title(f"{mode}: answer log-likelihood", fontsize=10)
         axes[1][col].set_title(f"{mode}: task score", fontsize=10)
         for ax in axes[:, col]:
