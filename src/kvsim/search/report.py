@@ -79,6 +79,10 @@ def _overview(summary: dict) -> str:
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _live_sections(live: pl.DataFrame, winner: str) -> list[str]:
     comparisons = compare_with_presets(live, winner)
     best = against_best_preset(comparisons)
@@ -92,7 +96,8 @@ def _live_sections(live: pl.DataFrame, winner: str) -> list[str]:
     rows.append("</table>")
     return [
         verdicts,
-        f"<h2>Live on the test samples: {html.escape(winner)} against every preset</h2>",
+        f"<h2>Live on the test samples: {html.escape(winner)} against {_count(len({c.preset for c in comparisons}), 'preset')} run live</h2>",
+        "<p>The presets `kvsim validate --policy` ran; the validation table below ranks every preset by the exact tier.</p>",
         "<p>Differences are winner − preset on the same samples (positive is better for log-likelihood and task score, "
         "negative for KL), each with a paired 95% bootstrap interval. KV MiB at the serving dtype.</p>",
         _figure(_plot_live(live, winner)),
