@@ -102,7 +102,7 @@ def write_markdown(path: Path, result: dict) -> None:
     lines = [
         f"# Exploration: the best-so-far curve of a {s['trials']}-trial search",
         "",
-        f"Command: `{result['command']}`. Wall time {result['wall_s'] / 60:.1f} min (with --existing: reading a finished run); load average at start/end "
+        f"Command: `{result['command']}`. Wall time {result['wall_s'] / 60:.1f} min{' (reading a finished run)' if s.get('existing') else ''}; load average at start/end "
         f"{result['machine']['load_average']['start'][0]:.2f} / {result['machine']['load_average']['end'][0]:.2f} on "
         f"{result['machine']['cpu_count']} cores.",
         "",
