@@ -397,6 +397,7 @@ def plot(path: Path, result: dict) -> None:
     fig.suptitle(f"kvsim quality ({result['settings']['label']} run): searched winner vs presets on a held-out workload (95 % CI shaded for bold lines)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)  # the plot is redrawn after every sample
 
 
 # ---------------------------------------------------------------------------------------------
