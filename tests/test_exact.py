@@ -45,6 +45,23 @@ def test_the_exact_tier_equals_live_teacher_forced_validation(tiny_llama, tiny_t
     assert exact.mean(PRESETS["full"], Budget(0.1), [sample.sample_id]).kl < 1e-4
 
 
+@torch.inference_mode()
+def test_the_exact_tier_reads_kvzips_stored_scores_and_still_equals_live_validation(tiny_llama, tmp_path):
+    # The exact tier takes KVzip's scores from the trace; live validation runs the reconstruction pass again.
+    count = lambda text: len(tiny_llama.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    samples = build_workload("passkey", 1, seed=7, context_tokens=160, count_tokens=count)
+    settings = CaptureSettings(window=32, max_new_tokens=4, storage_dtype="float32", modes=("query-aware",), kvzip=True)
+    traces = capture_traceset(tiny_llama, samples, tmp_path / "traces", settings, {"spec": "passkey"})
+    sample = next(traces.samples("query-aware"))
+    pairs = [(PRESETS["kvzip"], Budget(value)) for value in (0.1, 0.3)]
+    live = validate(tiny_llama, traces, pairs, [sample])
+    exact = ExactEvaluator(tiny_llama, traces, "query-aware")
+    for (policy, budget), row in zip(pairs, live.iter_rows(named=True)):
+        result = exact.evaluate(policy, budget, sample.sample_id)
+        for metric in ("kl", "top1", "answer_logprob", "answer_match"):
+            assert getattr(result, metric) == pytest.approx(row[metric], abs=1e-4), (budget.value, metric)
+
+
 def test_an_exact_tier_search_runs_the_presets_first_and_ranks_by_answer_likelihood(tiny_llama, tiny_traces, tmp_path):
     settings = SearchSettings(traces=tiny_traces.root, budget=Budget(0.3), rundir=tmp_path, trials=len(PRESETS) + 8, validation=0.34, test=0.34)
     summary = search(settings, loaded=tiny_llama).summary()

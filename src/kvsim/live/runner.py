@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,12 @@ class LiveOutcome:
 class LiveSample:
     """One trace sample, prefilled once on the live model, ready to be run under any policy."""
 
-    def __init__(self, loaded: LoadedModel, traceset: TraceSet, sample: TraceSample, window: int, kvzip: bool = False) -> None:
-        """kvzip: run KVzip's reconstruction pass on the prefix first, for policies that read it."""
+    def __init__(
+        self, loaded: LoadedModel, traceset: TraceSet, sample: TraceSample, window: int, kvzip: bool = False,
+        reconstruction: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """kvzip: run KVzip's reconstruction pass on the prefix first, for policies that read it;
+        or give its per-layer scores as `reconstruction` (the exact tier reads the trace's)."""
         self.loaded, self.sample = loaded, sample
         self.model = loaded.model
         self.ids = sample.input_ids
@@ -68,8 +73,10 @@ class LiveSample:
         self.answer_ids = reference_answer_ids(loaded.tokenizer, sample)
         with torch.inference_mode():
             self.recording = PolicyCache.recording(self.model, window, capture_row_splits(traceset, sample))
-            if kvzip:
-                self.recording.set_reconstruction(reconstruction_scores(self.model, loaded.tokenizer, self.ids[: self.start].tolist()))
+            if kvzip and reconstruction is None:
+                reconstruction = reconstruction_scores(self.model, loaded.tokenizer, self.ids[: self.start].tolist())
+            if reconstruction is not None:
+                self.recording.set_reconstruction(reconstruction)
             self.first_logits = self.model(self.ids[None, : self.start], past_key_values=self.recording, logits_to_keep=1).logits[0]
 
     @torch.inference_mode()

@@ -55,9 +55,12 @@ class ExactEvaluator:
     def live_sample(self, sample_id: str) -> LiveSample:
         if sample_id not in self._samples:
             sample = self.traceset.sample(sample_id, self.mode)
-            # KVzip's reconstruction pass runs when the traces hold its statistics, so its policies rank here too.
-            kvzip = RECONSTRUCTION in self.traceset.statistics
-            self._samples[sample_id] = LiveSample(self.loaded, self.traceset, sample, self.traceset.meta["window"], kvzip)
+            # KVzip's scores are the ones capture stored (its reconstruction pass on this prefix): the
+            # simulator's, and no second pass per sample in every worker.
+            stored = None
+            if RECONSTRUCTION in self.traceset.statistics:
+                stored = [sample.layer(index).kvzip for index in range(self.traceset.n_layers)]
+            self._samples[sample_id] = LiveSample(self.loaded, self.traceset, sample, self.traceset.meta["window"], reconstruction=stored)
         return self._samples[sample_id]
 
     def evaluate(self, policy: Policy, budget: Budget, sample_id: str) -> TeacherForced:
