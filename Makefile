@@ -41,7 +41,7 @@ DEMO ?= runs/demo
 KVSIM := $(VENV)/bin/kvsim
 demo: setup
 	$(KVSIM) capture --samples 9 --mode query-aware --kvzip --out $(DEMO)/traces
-	$(KVSIM) search --traces $(DEMO)/traces --budget 0.2 --prefill-only --trials 60 --workers 2 --study demo --out $(DEMO)
+	$(KVSIM) search --traces $(DEMO)/traces --budget 0.2 --prefill-only --trials 50 --workers 2 --study demo --out $(DEMO)
 	$(KVSIM) validate --run $(DEMO) --top 1 --policy full,kvzip,keydiff,chunkkv,snapkv
 	$(KVSIM) export --run $(DEMO) --kvpress --out $(DEMO)/winner.json
 
