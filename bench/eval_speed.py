@@ -111,7 +111,7 @@ def write_results(args, per_sample: list[dict], max_new_tokens: int, load_at_sta
         f"`bench/eval_speed.py`, {len(per_sample)} query-agnostic samples of `{args.traces}`, {len(POLICIES)} policies "
         f"({', '.join(POLICIES)}) at budget {args.budget:g} (kvpress compression_ratio {1 - args.budget:g}), greedy answers of up to "
         f"{max_new_tokens} tokens, torch {args.threads} thread(s), {result['machine']['cpu_count']} CPUs, load average "
-        f"{load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end (other benchmarks ran beside it: compare the ratio, not the seconds).",
+        f"{load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end (kvsim and kvpress alternate sample by sample, so the ratio is side by side; the seconds move with the load).",
         "",
         "kvsim: one recording prefill per sample, then per policy KL and top-1 on the full cache's continuation, the reference "
         "answer's log-likelihood and the greedy answer. kvpress: one `kv-press-text-generation` pipeline call per press (its own "
