@@ -136,8 +136,12 @@ def main() -> None:
     console = Console()
     load_at_start = os.getloadavg()
     results = []
-    for sampler, workers in STUDIES:
-        rundir, seconds = args.workdir / f"{sampler}-{workers}-proxy", 60 * args.minutes
+    runs = [(sampler, workers, args.workdir / f"{sampler}-{workers}-proxy") for sampler, workers in STUDIES]
+    if not args.existing and any(rundir.exists() for _, _, rundir in runs):
+        # A run folder holds a study that `search` would resume, mixing two runs' trials.
+        raise SystemExit(f"error: {args.workdir} already holds studies: pass --existing to read them, or remove it to measure anew")
+    for sampler, workers, rundir in runs:
+        seconds = 60 * args.minutes
         if args.existing:
             result = read_study(rundir, sampler, workers, seconds)
         else:

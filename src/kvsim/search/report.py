@@ -97,7 +97,7 @@ def _live_sections(live: pl.DataFrame, winner: str) -> list[str]:
     return [
         verdicts,
         f"<h2>Live on the test samples: {html.escape(winner)} against {_count(len({c.preset for c in comparisons}), 'preset')} run live</h2>",
-        "<p>The presets `kvsim validate --policy` ran; the validation table below ranks every preset by the exact tier.</p>",
+        "<p>The presets <code>kvsim validate --policy</code> ran; the validation table below ranks every preset by the exact tier.</p>",
         "<p>Differences are winner − preset on the same samples (positive is better for log-likelihood and task score, "
         "negative for KL), each with a paired 95% bootstrap interval. KV MiB at the serving dtype.</p>",
         _figure(_plot_live(live, winner)),
