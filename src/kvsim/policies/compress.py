@@ -10,7 +10,7 @@ import torch
 from kvsim.policies.allocators.base import Protected
 from kvsim.policies.budget import Budget
 from kvsim.policies.policy import Policy
-from kvsim.policies.selection import keep_mask, protected_priority
+from kvsim.policies.selection import drop_lowest, keep_mask, protected_priority
 from kvsim.policies.view import CacheView
 
 
@@ -27,12 +27,16 @@ def select(policy: Policy, view: CacheView, scores: torch.Tensor, budgets: torch
     """[kv_heads, n] bool kept tokens of one layer, sinks and recent window first.
 
     The recent window is counted in positions from the newest cached token, and tokens a head no
-    longer holds (`view.present`) are never kept again.
+    longer holds (`view.present`) are never kept again. A decode step that takes no head more than
+    one token over its budget drops that token directly (`drop_lowest`, the same choice).
     """
     schedule = policy.schedule
     priority = protected_priority(view.positions, schedule.sinks, schedule.recent)
     if view.present is None:
         return keep_mask(scores, budgets, priority)
+    over = view.present.sum(1) - budgets
+    if int(over.max()) <= 1 and bool((scores.masked_fill(~view.present, 0.0) > float("-inf")).all()):
+        return drop_lowest(scores, priority, view.present, over > 0)
     scores = scores.masked_fill(~view.present, float("-inf"))
     return keep_mask(scores, budgets, priority * view.present) & view.present
 

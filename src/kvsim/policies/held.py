@@ -19,6 +19,7 @@ Bytes: `kv_bytes` is defined once here, as this layout holds them, at the servin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -87,7 +88,7 @@ def handed_to_retention(policy: Policy, view: CacheView, kept: torch.Tensor, bud
     buy (`Retention.low_budgets`). The simulator and the live cache both ask here.
     """
     evicted = ~kept if view.present is None else view.present & ~kept
-    retention, head_dim = policy.retention, view.keys.shape[-1]
+    retention, head_dim = policy.retention, view.queries.shape[-1]
     full = kept.sum(1)
     bits = retention.bits(view.layer, view.n_layers)
     low = None if budgets is None else retention.low_budgets(budgets, full, token_bytes(head_dim), lambda spare: low_tokens_bought(spare, head_dim, bits))
@@ -97,6 +98,24 @@ def handed_to_retention(policy: Policy, view: CacheView, kept: torch.Tensor, bud
         return torch.zeros_like(kept)
     readable = select(policy, view, policy.scorer.score(view), (full + low).clamp(max=view.length))
     return readable & evicted
+
+
+def scatter_rows(flat: torch.Tensor, head: torch.Tensor, slot: torch.Tensor, kv_heads: int, fill: float | int = 0) -> torch.Tensor:
+    """Flat head-after-head rows [N, ...] as [kv, c, ...], each head's rows first, padded with `fill`
+    to the longest head (`Segments.rows` gives head and slot)."""
+    longest = int(slot.max()) + 1 if slot.numel() else 0
+    padded = flat.new_full((kv_heads, longest, *flat.shape[1:]), fill)
+    padded[head, slot] = flat
+    return padded
+
+
+def stacks_layers(policy: Policy) -> bool:
+    """Whether the layers of a stepwise policy may be replayed as one stack of KV heads
+    (`HeldLayer.stack`) and still decide what each would alone: its scorer scores each head from
+    that head's own tokens (`Scorer.per_head`) and its retention keeps no low-precision tokens
+    nor rewrites any (merging and quantizing read the keys in the union layout, which a stack of
+    many layers' heads makes large: they replay layer by layer). Selection is per head."""
+    return policy.scorer.per_head and not policy.retention.changes_tokens
 
 
 @dataclass
@@ -120,6 +139,13 @@ class Segments:
     def per_head(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(tensor, self.counts)
 
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head [N], slot [N]): each flat row's KV head and its index inside that head's segment."""
+        counts = torch.tensor(self.counts)
+        head = torch.repeat_interleave(torch.arange(len(self.counts)), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        return head, torch.arange(head.numel()) - starts[head]
+
     @property
     def uniform(self) -> bool:
         return len(set(self.counts)) == 1
@@ -130,11 +156,22 @@ class Segments:
 
 
 def interleave(old: torch.Tensor, counts: list[int], new: torch.Tensor) -> torch.Tensor:
-    """Append new [kv, n, ...] rows at the end of each head's segment of flat `old` [N, ...]."""
-    pieces = []
-    for head, segment in enumerate(torch.split(old, counts)):
-        pieces += [segment, new[head]]
-    return torch.cat(pieces)
+    """Append new [kv, n, ...] rows at the end of each head's segment of flat `old` [N, ...].
+
+    Equal counts make `old` a [kv, c, ...] tensor as it is, so one concatenation does it; otherwise
+    every row is written to its place at once (a stack of many layers' heads would otherwise pay
+    one copy per head)."""
+    kv, n, rest = new.shape[0], new.shape[1], old.shape[1:]
+    if len(set(counts)) == 1:
+        return torch.cat([old.reshape(kv, counts[0], *rest), new], dim=1).reshape(-1, *rest)
+    sizes = torch.tensor(counts)
+    ends = torch.cumsum(sizes, 0) + n * torch.arange(1, kv + 1)  # each head's segment end in the result
+    new_rows = (ends[:, None] - n + torch.arange(n)).flatten()
+    old_rows = torch.arange(old.shape[0]) + n * torch.repeat_interleave(torch.arange(kv), sizes)
+    result = old.new_empty((old.shape[0] + kv * n, *rest))
+    result[old_rows] = old
+    result[new_rows] = new.reshape(kv * n, *rest).to(old.dtype)
+    return result
 
 
 @dataclass
@@ -160,6 +197,7 @@ class HeldLayer:
     seen: int
     rope: Rotary | None = None  # the model's RoPE, for scorers that rotate queries
     rows_since_decision: int = field(default=0)
+    layers: int = 1  # model layers stacked along the head axis (`stack`), layer after layer
 
     @classmethod
     def after_prefill(
@@ -182,6 +220,33 @@ class HeldLayer:
         )
         layer.shrink(view, keep, handed_to_retention(policy, view, keep, budgets), dtype)
         return layer
+
+    @classmethod
+    def stack(cls, layers: list[HeldLayer]) -> HeldLayer:
+        """Consecutive layers of one sample as one layer whose KV heads are all theirs, layer after
+        layer: each step then costs one set of tensor operations for all of them instead of one per
+        layer. It decides what the layers would decide one by one when the policy's decisions are
+        per head (`stacks_layers`); the simulator checks that before stacking."""
+        first = layers[0]
+        return cls(
+            layer=first.layer,
+            n_layers=first.n_layers,
+            policy=first.policy,
+            budgets=torch.cat([layer.budgets for layer in layers]),
+            scaling=first.scaling,
+            full=Segments(
+                torch.cat([layer.full.keys for layer in layers]),
+                torch.cat([layer.full.values for layer in layers]),
+                torch.cat([layer.full.positions for layer in layers]),
+                [count for layer in layers for count in layer.full.counts],
+            ),
+            low=None,
+            colsum=torch.cat([layer.colsum for layer in layers]),
+            window_queries=torch.cat([layer.window_queries for layer in layers]),
+            seen=first.seen,
+            rope=first.rope,
+            layers=sum(layer.layers for layer in layers),
+        )
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -256,31 +321,42 @@ class HeldLayer:
         heads, n, head_dim = queries.shape
         query_positions = torch.arange(self.seen - n, self.seen, device=queries.device)
         grouped = queries.reshape(self.kv_heads, heads // self.kv_heads, n, head_dim)
-        if self.low is None and self.full.uniform:
-            # Equal counts: the flat head-major layout is a [kv, c, d] tensor as it is (no copy), one call.
-            shape = (self.kv_heads, self.full.counts[0])
-            output, probs = attend_heads(
-                grouped, self.full.keys.view(*shape, -1), self.full.values.view(*shape, -1), self.full.positions.view(shape),
-                query_positions, self.scaling, self.stepwise,
-            )
-            probs = None if probs is None else list(probs)
-        else:
-            keys, values, positions = self.readable()
-            results = [
-                attend_heads(grouped[h : h + 1], keys[h][None], values[h][None], positions[h][None], query_positions, self.scaling, self.stepwise)
-                for h in range(self.kv_heads)
-            ]
-            output = torch.cat([out for out, _ in results])
-            probs = None if not self.stepwise else [p[0] for _, p in results]
+        keys, values, positions = self._padded()
+        output, probs = attend_heads(grouped, keys, values, positions, query_positions, self.scaling, self.stepwise)
         if probs is not None:
             self.observe(queries, probs)
         return output.reshape(heads, n, head_dim)
 
-    def observe(self, queries: torch.Tensor, probs: list[torch.Tensor]) -> None:
-        """Accumulate the new rows' attention ([group, n, c_h] per head), slide the query window, and
-        evict on the schedule's steps."""
-        held = [p[..., :count].sum(1).T for p, count in zip(probs, self.full.counts)]  # [c_h, group] each
-        self.colsum = self.colsum + torch.cat(held)
+    def _padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What attention reads, as [kv, c, d] keys and values and [kv, c] positions: each head's full-
+        precision tokens, then its low-precision ones, padded at the end to the longest head with
+        positions no query sees. Equal counts and no low precision need no copy at all."""
+        if self.low is None and self.full.uniform:
+            shape = (self.kv_heads, self.full.counts[0])
+            return self.full.keys.view(*shape, -1), self.full.values.view(*shape, -1), self.full.positions.view(shape)
+        if self.low is None:
+            segments = self.full
+        else:
+            keys, values, positions = self.readable()
+            segments = Segments(torch.cat(keys), torch.cat(values), torch.cat(positions), [len(p) for p in positions])
+        head, slot = segments.rows()
+        never_seen = torch.iinfo(torch.int64).max
+        return (
+            scatter_rows(segments.keys, head, slot, self.kv_heads),
+            scatter_rows(segments.values, head, slot, self.kv_heads),
+            scatter_rows(segments.positions, head, slot, self.kv_heads, never_seen),
+        )
+
+    def observe(self, queries: torch.Tensor, probs: torch.Tensor) -> None:
+        """Accumulate the new rows' attention (probs [kv, group, n, c], `_padded`'s layout), slide the
+        query window, and evict on the schedule's steps."""
+        received = probs.sum(2)  # [kv, group, c]
+        if received.shape[-1] * self.kv_heads == self.full.tokens:
+            held = received.permute(0, 2, 1).reshape(self.full.tokens, -1)
+        else:
+            head, slot = self.full.rows()  # full-precision tokens lead every head's row of `_padded`
+            held = received[head, :, slot]
+        self.colsum = self.colsum + held
         window = self.window_queries.shape[1]
         self.window_queries = torch.cat([self.window_queries, queries.float()], dim=1)[:, -window:]
         before = self.rows_since_decision
@@ -301,27 +377,31 @@ class HeldLayer:
         accumulated attention. The one rescoring view: scorers that pool along positions pool over
         the held tokens, in both the simulator and the live cache."""
         kv_heads, group = self.kv_heads, self.colsum.shape[1]
-        head = torch.repeat_interleave(torch.arange(kv_heads), torch.tensor(self.full.counts))
+        head, slot = self.full.rows()
         position = self.full.positions
         in_union = torch.zeros(self.seen, dtype=torch.bool)
         in_union[position] = True
         union = in_union.nonzero().flatten()
         at = (torch.cumsum(in_union, 0) - 1)[position]
-        head_dim = self.full.keys.shape[-1]
-        keys = torch.zeros(kv_heads, union.numel(), head_dim)
-        values = torch.zeros_like(keys)
-        keys[head, at] = self.full.keys.float()
-        values[head, at] = self.full.values.float()
         present = torch.zeros(kv_heads, union.numel(), dtype=torch.bool)
         present[head, at] = True
         colsum = torch.zeros(kv_heads, union.numel(), group)
         colsum[head, at] = self.colsum
         window = self.window_queries.shape[1]
-        return CacheView(
+
+        def scattered(flat: torch.Tensor) -> Callable[[], torch.Tensor]:
+            def build() -> torch.Tensor:
+                tensor = torch.zeros(kv_heads, union.numel(), flat.shape[-1])
+                tensor[head, at] = flat.float()
+                return tensor
+
+            return build
+
+        return HeldView(
             layer=self.layer,
             n_layers=self.n_layers,
-            keys=keys,
-            values=values,
+            keys=scattered(self.full.keys),
+            values=scattered(self.full.values),
             positions=union,
             queries=self.window_queries,
             query_positions=torch.arange(self.seen - window, self.seen),
@@ -330,20 +410,26 @@ class HeldLayer:
             present=present,
             decoding=True,
             rope=self.rope,
+            layers=self.layers,
+            held=self.full,
+            rows=(head, slot, at),
         )
 
     def shrink(self, view: CacheView, kept: torch.Tensor, evicted: torch.Tensor, dtype: torch.dtype) -> None:
         """Hold `kept` [kv, n] of `view`'s tokens at full precision and hand `evicted` to the retention."""
         retention = self.policy.retention
-        retained = retention.retain(view.keys.float(), view.values.float(), kept, evicted, view.layer, view.n_layers)
-        self.full = Segments.from_mask(retained.keys.to(dtype), retained.values.to(dtype), view.positions, kept)
+        if retention.changes_tokens:
+            retained = retention.retain(view.keys.float(), view.values.float(), kept, evicted, view.layer, view.n_layers)
+            keys, values, low = retained.keys[kept], retained.values[kept], retained.low_precision
+        else:
+            (keys, values), low = view.take(kept), None
+        self.full = Segments(keys.to(dtype), values.to(dtype), view.positions.expand_as(kept)[kept], kept.sum(1).tolist())
         if self.stepwise:
             group = view.heads // view.kv_heads
             colsum = view.colsum.reshape(view.kv_heads, group, -1).permute(0, 2, 1)
             self.colsum = colsum[kept].float()
             self.window_queries = view.queries[:, view.queries.shape[1] - self.window_queries.shape[1] :].float()
-        low = retained.low_precision
-        if bool(low.any()):
+        if low is not None and bool(low.any()):
             self._keep_low_precision(view, low, retention.bits(view.layer, view.n_layers), dtype)
 
     def _keep_low_precision(self, view: CacheView, low: torch.Tensor, bits: LowBits, dtype: torch.dtype) -> None:
@@ -364,6 +450,64 @@ class HeldLayer:
         )
 
 
+class _Scattered:
+    """A decode view's keys or values: given as a function that scatters the held rows into the
+    union layout, called the first time a part reads them (scorers of accumulated attention or
+    positions never do, and dropping reads kept rows straight from the held ones)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, view: CacheView | None, owner: type | None = None):
+        if view is None:
+            return self
+        value = view.__dict__[self.slot]
+        if callable(value):
+            value = view.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, view: CacheView, value) -> None:
+        view.__dict__[self.slot] = value
+
+
+class HeldView(CacheView):
+    """`HeldLayer.view`: a CacheView over the held rows that works on them where it can. Keys and
+    values are scattered into the union layout only when a part reads them; kept rows are taken
+    straight from the held ones; and window attention is computed over each head's own rows, then
+    placed in the union layout (zero where a head holds nothing, as masking gives), so its cost
+    follows what the heads hold, not the union of it."""
+
+    keys = _Scattered()
+    values = _Scattered()
+
+    def __init__(self, *, held: Segments, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], **fields) -> None:
+        super().__init__(**fields)
+        self.held = held  # the layer's full-precision rows, head after head
+        self.rows = rows  # each held row's (head, slot in its head, index in the union)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.present.shape[0]
+
+    def take(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Held rows are head after head in position order, as `mask`'s True entries are read.
+        rows = mask[self.present].nonzero().flatten()
+        return self.held.keys.index_select(0, rows), self.held.values.index_select(0, rows)
+
+    def _attention_of_last(self, size: int) -> torch.Tensor:
+        head, slot, at = self.rows
+        kv_heads, group = self.kv_heads, self.heads // self.kv_heads
+        keys = scatter_rows(self.held.keys, head, slot, kv_heads).float()
+        positions = scatter_rows(self.held.positions, head, slot, kv_heads, torch.iinfo(torch.int64).max)
+        q = self.queries[:, -size:].reshape(kv_heads, group * size, -1).float()
+        logits = (torch.matmul(q, keys.transpose(-1, -2)) * self.scaling).reshape(kv_heads, group, size, -1)
+        hidden = positions[:, None, None, :] > self.query_positions[-size:, None]  # [kv, 1, size, c]
+        attention = logits.masked_fill(hidden, float("-inf")).softmax(-1)
+        union = torch.zeros(kv_heads, group, size, self.length)
+        union[head, :, :, at] = attention[head, :, :, slot]
+        return union.reshape(self.heads, size, self.length)
+
+
 def attend_heads(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -382,7 +526,7 @@ def attend_heads(
     kv_heads, group, n, head_dim = queries.shape
     visible = positions[:, None, :] <= query_positions[None, :, None]  # [kv, n, c]
     if not with_probs:
-        mask = None if n == 1 else visible.repeat_interleave(group, dim=0)[None]
+        mask = None if bool(visible.all()) else visible.repeat_interleave(group, dim=0)[None]
         output = F.scaled_dot_product_attention(
             queries.reshape(1, kv_heads * group, n, head_dim), keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True
         )

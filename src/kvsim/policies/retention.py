@@ -76,6 +76,11 @@ class Retention(Part):
         return None
 
     @property
+    def changes_tokens(self) -> bool:
+        """Whether `retain` changes anything: dropping does not, so a cache can keep its kept rows as they are."""
+        return True
+
+    @property
     def rewrites_kept(self) -> bool:
         """Whether kept (full-precision) tokens' keys change, so attention over them must be recomputed."""
         return False
@@ -85,6 +90,7 @@ class Retention(Part):
 @dataclass(frozen=True)
 class Drop(Retention):
     name = "drop"
+    changes_tokens = False
 
     def retain(self, keys, values, keep, evicted, layer=0, n_layers=1):
         return Retained(keys, values, torch.zeros_like(keep))

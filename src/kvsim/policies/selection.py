@@ -38,3 +38,21 @@ def keep_mask(scores: torch.Tensor, budgets: torch.Tensor, priority: torch.Tenso
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
     return ranks < budgets[:, None]
+
+
+def drop_lowest(scores: torch.Tensor, priority: torch.Tensor, present: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """[kv_heads, n] bool: `present` less, on each head where `drop` [kv_heads] is True, the one token
+    `keep_mask` would rank last among those present: the lowest priority, then the lowest score,
+    then the latest position.
+
+    A decode step usually takes each head one token over its budget; this finds that token in one
+    pass instead of two sorts. It is `keep_mask` exactly when every present score is above -inf and
+    no score is NaN (the caller checks), since those are where a sort's order needs more care.
+    """
+    lowest_priority = priority.expand_as(scores).masked_fill(~present, torch.iinfo(torch.int64).max)
+    candidates = lowest_priority == lowest_priority.amin(1, keepdim=True)
+    lowest = scores.masked_fill(~candidates, float("inf")).amin(1, keepdim=True)
+    at = ((candidates & (scores == lowest)) * torch.arange(scores.shape[1])).argmax(1)
+    kept = present.clone()
+    kept[drop, at[drop]] = False
+    return kept

@@ -32,6 +32,10 @@ class CacheView:
     reconstruction: [heads, n] float32, KVzip's scores (the most attention each token received
         while the model repeated the compressed prefix, `kvsim.traces.kvzip`), or None when not
         recorded (capture --kvzip).
+    layers: how many model layers the view stacks along its head axis, layer after layer (the
+        simulator's layer-stacked replay, `kvsim.policies.held.stacks_layers`); 1 otherwise.
+        Whatever a part computes "over the layer's heads" it computes per stacked layer
+        (`layer_mean`), so a stack decides exactly what its layers would decide one by one.
     """
 
     layer: int
@@ -52,6 +56,7 @@ class CacheView:
     cache_windows: bool = True
     rope: Rotary | None = None
     reconstruction: torch.Tensor | None = None
+    layers: int = 1
 
     @property
     def kv_heads(self) -> int:
@@ -63,7 +68,11 @@ class CacheView:
 
     @property
     def length(self) -> int:
-        return self.keys.shape[1]
+        return self.positions.shape[0]
+
+    def take(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values [m, d] at `mask` [kv, n], head after head, each head's in position order."""
+        return self.keys[mask], self.values[mask]
 
     def window(self, size: int) -> torch.Tensor:
         """[heads, size, n]: causal softmax attention of the last `size` window queries.
@@ -102,6 +111,13 @@ class CacheView:
             hidden = hidden | ~self.present[:, None, None, :]  # [kv, 1, size, n]
         scores = scores.masked_fill(hidden, float("-inf"))
         return scores.softmax(-1).reshape(self.heads, size, self.length)
+
+
+def layer_mean(per_query_head: torch.Tensor, view: CacheView) -> torch.Tensor:
+    """[heads, n] -> [kv_heads, n]: the mean over each layer's query heads, the same row for every
+    KV head of that layer (one shared set per layer). Per stacked layer when the view stacks several."""
+    per_layer = per_query_head.reshape(view.layers, -1, per_query_head.shape[-1]).mean(1)
+    return per_layer.repeat_interleave(view.kv_heads // view.layers, dim=0)
 
 
 def reduce_group(per_query_head: torch.Tensor, kv_heads: int, how: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from kvsim.policies.budget import Budget
 from kvsim.policies.compress import compress_prefill
-from kvsim.policies.held import HeldLayer, handed_to_retention, kv_bytes
+from kvsim.policies.held import HeldLayer, handed_to_retention, kv_bytes, stacks_layers
 from kvsim.policies.policy import Policy
 from kvsim.policies.retention import Drop, Retention
 from kvsim.policies.view import CacheView
@@ -44,6 +44,8 @@ def replay(
             _prefill_once(policy.retention, view, full, keep, handed_to_retention(policy, view, keep, layer_budgets))
             for view, full, keep, layer_budgets in zip(views, fulls, keeps, budgets)
         ]
+    if stacks_layers(policy) and len({view.length for view in views}) == 1 and len({view.scaling for view in views}) == 1:
+        return replay_stacked(policy, views, fulls, keeps, budgets)
     return [
         replay_stepwise(policy, view, full, keep, layer_budgets)
         for view, full, keep, layer_budgets in zip(views, fulls, keeps, budgets)
@@ -95,23 +97,61 @@ def replay_stepwise(
     `on_row` sees the layer after each row (the sim-equals-live tests compare it step by step)."""
     layer = HeldLayer.after_prefill(policy, view, keep, budgets, max(policy.observation_window, 1), torch.float32)
     held_after_prefill = layer.held_tokens()[0], layer.low_counts()
-    heads, head_dim = view.heads, view.keys.shape[-1]
-    readable = torch.zeros(view.kv_heads, full.rows, full.total, dtype=torch.bool)
+    outputs, readable = _step_rows(layer, [full], on_row)
+    return _stepwise_outcome(policy, view, full, outputs, readable, *held_after_prefill)
+
+
+def replay_stacked(
+    policy: Policy, views: Sequence[CacheView], fulls: Sequence[ContinuationAttention], keeps: Sequence[torch.Tensor], budgets: torch.Tensor
+) -> list[LayerOutcome]:
+    """`replay_stepwise` of every layer at once, for policies whose decode-time decisions are per KV
+    head (`stacks_layers`): the layers' `HeldLayer`s after the prompt's decision are stacked into
+    one (`HeldLayer.stack`), so a continuation row costs one set of tensor operations instead of
+    one per layer, and every layer's outcome is read back from its own heads. The tests hold it to
+    `replay_stepwise` layer by layer."""
+    window = max(policy.observation_window, 1)
+    layers = [HeldLayer.after_prefill(policy, view, keep, b, window, torch.float32) for view, keep, b in zip(views, keeps, budgets)]
+    held_after_prefill = [(layer.held_tokens()[0], layer.low_counts()) for layer in layers]
+    outputs, readable = _step_rows(HeldLayer.stack(layers), fulls)
+    kv_heads = views[0].kv_heads
+    return [
+        _stepwise_outcome(policy, view, full, outputs[i * kv_heads : (i + 1) * kv_heads], readable[i * kv_heads : (i + 1) * kv_heads], *held)
+        for i, (view, full, held) in enumerate(zip(views, fulls, held_after_prefill))
+    ]
+
+
+def _step_rows(
+    layer: HeldLayer, fulls: Sequence[ContinuationAttention], on_row: Callable[[int, HeldLayer], None] = lambda row, layer: None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed the continuation rows of `fulls` (one per layer `layer` stacks) through it in order:
+    (outputs [kv, group, C, d], readable [kv, C, T] what each row's query read), over the stack's heads."""
+    first = fulls[0]
+    start, rows, total = first.prompt_len, first.rows, first.total
+    keys = torch.cat([full.keys[:, start:] for full in fulls])
+    values = torch.cat([full.values[:, start:] for full in fulls])
+    queries = torch.cat([full.queries for full in fulls])  # [kv, group, C, d]
+    kv_heads, group, _, head_dim = queries.shape
+    readable = torch.zeros(kv_heads, rows, total, dtype=torch.bool)
     outputs = []
-    for row in range(full.rows):
-        position = full.prompt_len + row
-        layer.append(full.keys[:, position : position + 1], full.values[:, position : position + 1])
+    for row in range(rows):
+        layer.append(keys[:, row : row + 1], values[:, row : row + 1])
         positions = layer.readable_positions()
         head = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor([len(p) for p in positions]))
         readable[head, row, torch.cat(positions)] = True
-        outputs.append(layer.attend(full.queries[:, :, row : row + 1].reshape(heads, 1, head_dim)))
+        outputs.append(layer.attend(queries[:, :, row : row + 1].reshape(kv_heads * group, 1, head_dim)))
         on_row(row, layer)
-    # The metrics of all rows at once, over every position some row could read.
+    return torch.cat(outputs, dim=1).reshape(kv_heads, group, rows, head_dim), readable
+
+
+def _stepwise_outcome(
+    policy: Policy, view: CacheView, full: ContinuationAttention, outputs: torch.Tensor, readable: torch.Tensor, kept: int, low: torch.Tensor
+) -> LayerOutcome:
+    """One layer's outcome from its rows' outputs and what each row read: the metrics of all rows at
+    once, over every position some row could read."""
     columns, real = readable_columns(readable.any(1))
     per_row = readable.gather(2, columns[:, None, :].expand(-1, full.rows, -1)) & real[:, None, :]
-    outputs = torch.cat(outputs, dim=1).reshape(full.output.shape)
     sums = block_metrics(full, columns, per_row, outputs=outputs)
-    return _outcome(policy.retention, view, sums, *held_after_prefill)
+    return _outcome(policy.retention, view, sums, kept, low)
 
 
 def _outcome(retention: Retention, view: CacheView, sums: MetricSums, kept: int, low: torch.Tensor) -> LayerOutcome:

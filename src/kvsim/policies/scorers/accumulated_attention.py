@@ -26,7 +26,7 @@ import torch
 from kvsim.errors import KvsimError
 from kvsim.policies.parts import check, register
 from kvsim.policies.scorers.base import Scorer
-from kvsim.policies.view import CacheView, reduce_group
+from kvsim.policies.view import CacheView, layer_mean, reduce_group
 
 ACCUMULATED_REDUCTIONS = ("mean", "max", "layer")
 
@@ -35,6 +35,7 @@ ACCUMULATED_REDUCTIONS = ("mean", "max", "layer")
 @dataclass(frozen=True)
 class AccumulatedAttention(Scorer):
     name = "accumulated_attention"
+    per_head = True
     gqa: str = "mean"
     normalize: bool = False
 
@@ -50,7 +51,7 @@ class AccumulatedAttention(Scorer):
 
     def score(self, view: CacheView) -> torch.Tensor:
         per_query_head = accumulated(view, self.normalize)
-        return reduce_heads(per_query_head, view.kv_heads, self.gqa)
+        return reduce_heads(per_query_head, view, self.gqa)
 
 
 def accumulated(view: CacheView, normalize: bool) -> torch.Tensor:
@@ -72,8 +73,8 @@ def queries_seen(view: CacheView) -> torch.Tensor:
     return (seen - view.positions).clamp(min=1).float()
 
 
-def reduce_heads(per_query_head: torch.Tensor, kv_heads: int, how: str) -> torch.Tensor:
+def reduce_heads(per_query_head: torch.Tensor, view: CacheView, how: str) -> torch.Tensor:
     """[heads, n] -> [kv_heads, n] by group mean/max, or the layer mean repeated for every KV head."""
     if how == "layer":
-        return per_query_head.mean(0, keepdim=True).expand(kv_heads, -1).contiguous()
-    return reduce_group(per_query_head, kv_heads, how)
+        return layer_mean(per_query_head, view)
+    return reduce_group(per_query_head, view.kv_heads, how)

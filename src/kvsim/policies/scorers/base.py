@@ -27,6 +27,15 @@ class Scorer(Part):
         """[kv_heads, n] float32 scores for the tokens of `view`."""
         raise NotImplementedError
 
+    @property
+    def per_head(self) -> bool:
+        """Whether each KV head's scores depend only on that head's own held tokens, its queries and
+        their positions (and, for scores shared by a layer's heads, on that layer's heads through
+        `layer_mean`), never on which positions other heads hold: pooling along the union of held
+        positions does not qualify, nor do per-layer random draws. Then the simulator may replay
+        many layers as one stack of heads (`kvsim.policies.held.stacks_layers`)."""
+        return False
+
     def requirements(self) -> frozenset[str]:
         """Optional statistics the traces must hold for this scorer (names of capture options)."""
         return frozenset()

@@ -22,6 +22,7 @@ from kvsim.policies.view import CacheView
 @dataclass(frozen=True)
 class KeyNorm(Scorer):
     name = "key_norm"
+    per_head = True
 
     def score(self, view: CacheView) -> torch.Tensor:
         return -torch.linalg.vector_norm(view.keys.float(), dim=-1)

@@ -17,14 +17,14 @@ import torch
 
 from kvsim.policies.parts import register
 from kvsim.policies.scorers.base import Scorer
-from kvsim.policies.view import CacheView
+from kvsim.policies.view import CacheView, layer_mean
 
 
 @register
 @dataclass(frozen=True)
 class LastQuery(Scorer):
     name = "last_query"
+    per_head = True
 
     def score(self, view: CacheView) -> torch.Tensor:
-        shared = view.window(1)[:, 0].mean(0)  # [n]
-        return shared.expand(view.kv_heads, -1).contiguous()
+        return layer_mean(view.window(1)[:, 0], view)

@@ -59,6 +59,10 @@ class Mixture(Scorer):
         """The longest observation window a component reads (what `Policy.observation_window` asks)."""
         return max(getattr(scorer, "window", 0) for scorer in self.scorers)
 
+    @property
+    def per_head(self) -> bool:
+        return all(scorer.per_head for scorer in self.scorers)
+
     @classmethod
     def suggest(cls, trial, prefix: str) -> Mixture:
         names = sorted(name for name, part in REGISTRY["scorer"].items() if part not in (cls, RandomScores))

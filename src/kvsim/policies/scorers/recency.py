@@ -24,6 +24,7 @@ from kvsim.policies.view import CacheView
 @dataclass(frozen=True)
 class Recency(Scorer):
     name = "recency"
+    per_head = True
 
     def score(self, view: CacheView) -> torch.Tensor:
         return view.positions.float().expand(view.kv_heads, -1).contiguous()

@@ -32,6 +32,7 @@ from kvsim.policies.view import CacheView, reduce_group
 @dataclass(frozen=True)
 class Recurrence(Scorer):
     name = "recurrence"
+    per_head = True
     window: int = 32
     gqa: str = "max"
 

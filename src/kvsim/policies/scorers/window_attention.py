@@ -37,6 +37,10 @@ class WindowAttention(Scorer):
     def suggest(cls, trial, prefix: str) -> WindowAttention:
         return cls(window=trial.suggest_categorical(f"{prefix}window", [8, 16, 32, 64]), **suggest_pooling(trial, prefix))
 
+    @property
+    def per_head(self) -> bool:
+        return self.pool == "none" or (self.pool != "chunk" and self.kernel <= 1)
+
     def score(self, view: CacheView) -> torch.Tensor:
         per_query_head = view.window(self.window).mean(dim=1)
         return reduce_group(pool_scores(per_query_head, self.pool, self.kernel), view.kv_heads, self.gqa)
