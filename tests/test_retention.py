@@ -38,6 +38,31 @@ def test_merge_ignores_tokens_evicted_earlier():
     torch.testing.assert_close(out.keys[0, 0], (keys[0, 0] + similarity * keys[0, 2]) / 2)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_matches_a_token_by_token_reference_when_heads_keep_different_tokens(seed):
+    generator = torch.Generator().manual_seed(seed)
+    heads, n, threshold = 3, 20, 0.2
+    keys, values = torch.randn(heads, n, 4, generator=generator), torch.randn(heads, n, 4, generator=generator)
+    keep = torch.rand(heads, n, generator=generator) < torch.tensor([[0.2], [0.5], [0.8]])  # unequal counts, scattered
+    evicted = ~keep & (torch.rand(heads, n, generator=generator) < 0.7)
+    out = Merge(threshold=threshold).retain(keys, values, keep, evicted)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    for h in range(heads):
+        kept = keep[h].nonzero().flatten().tolist()
+        folded = {t: ([keys[h, t]], [values[h, t]]) for t in kept}
+        for e in evicted[h].nonzero().flatten().tolist():
+            similarity = [float(torch.nn.functional.cosine_similarity(keys[h, e], keys[h, t], dim=0)) for t in kept]
+            best = max(similarity)
+            if best >= threshold:
+                target = kept[similarity.index(best)]
+                folded[target][0].append(best * keys[h, e])
+                folded[target][1].append(best * values[h, e])
+        for t, (k, v) in folded.items():
+            expected_keys[h, t], expected_values[h, t] = sum(k) / len(k), sum(v) / len(v)
+    torch.testing.assert_close(out.keys, expected_keys)
+    torch.testing.assert_close(out.values, expected_values)
+
+
 def test_quantize_rounds_evicted_tokens_to_the_grid_and_leaves_kept_ones():
     torch.manual_seed(0)
     keys, values = torch.randn(2, 6, 8), torch.randn(2, 6, 8)

@@ -119,15 +119,19 @@ class Merge(Retention):
         return cls(threshold=trial.suggest_float(f"{prefix}threshold", 0.0, 0.95))
 
     def retain(self, keys, values, keep, evicted, layer=0, n_layers=1):
-        # Only tokens evicted now are compared (one per head per step in every-step replays), so
-        # the cost is O(evicted · n) rather than O(n²).
+        # Only tokens evicted now are compared (one per head per step in every-step replays), and
+        # only with kept ones, so the cost is O(evicted · kept) rather than O(n²).
         rows = evicted.any(dim=0).nonzero().flatten()
-        if rows.numel() == 0:
+        if rows.numel() == 0 or not bool(keep.any()):
             return Retained(keys, values, torch.zeros_like(keep))
         unit = torch.nn.functional.normalize(keys, dim=-1)
-        similarity = unit[:, rows] @ unit.transpose(-1, -2)  # [kv, evicted, n]
-        similarity = similarity.masked_fill(~keep[:, None, :], float("-inf"))
-        best, target = similarity.max(dim=-1)  # each evicted token's nearest kept token
+        # Each head's kept tokens first, in position order, padded to the head keeping most.
+        kept_first = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, : int(keep.sum(1).max())]
+        candidates = unit.gather(1, kept_first[..., None].expand(-1, -1, unit.shape[-1]))
+        similarity = unit[:, rows] @ candidates.transpose(-1, -2)  # [kv, evicted, kept]
+        similarity = similarity.masked_fill(~keep.gather(1, kept_first)[:, None, :], float("-inf"))
+        best, nearest = similarity.max(dim=-1)  # each evicted token's nearest kept token (the earliest on ties)
+        target = kept_first.gather(1, nearest)
         merged = evicted[:, rows] & (best >= self.threshold)
         weight = torch.where(merged, best, torch.zeros_like(best))[..., None]
         def fold(tensor: torch.Tensor) -> torch.Tensor:
