@@ -27,7 +27,8 @@ from kvsim.policies.scorers.recency import Recency
 from kvsim.policies.scorers.window_attention import WindowAttention
 from kvsim.policies.selection import drop_lowest, keep_mask
 from kvsim.policies.view import CacheView
-from kvsim.sim.replay import replay, replay_stacked, replay_stepwise
+import kvsim.sim.replay as replay_module
+from kvsim.sim.replay import replay, replay_stacked, replay_stepwise, stack_groups
 from kvsim.sim.simulate import prepare_sample
 from kvsim.traces.synthetic import synthetic_traceset
 
@@ -74,6 +75,16 @@ def test_stacked_replay_equals_the_engine_layer_by_layer(prepared, name, budget)
     expected, (keeps, budgets) = layer_by_layer(policy, prepared, Budget(budget))
     assert_same_outcomes(replay_stacked(policy, prepared.views, prepared.fulls, keeps, budgets), expected)
     assert_same_outcomes(replay(policy, Budget(budget), prepared.views, prepared.fulls), expected)  # the simulator's entry stacks it
+
+
+def test_stacks_of_a_few_layers_decide_as_one(prepared, monkeypatch):
+    assert stack_groups([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+    policy = STACKED["h2o_pyramid"]
+    expected, _ = layer_by_layer(policy, prepared, Budget(0.4))
+    # Layers hold 108, 102, 98 and 92 tokens with the continuation: limit 1 stacks none, 200 stacks layers 1 and 2.
+    for limit in (1, 200):
+        monkeypatch.setattr(replay_module, "STACK_ROWS", limit)
+        assert_same_outcomes(replay(policy, Budget(0.4), prepared.views, prepared.fulls), expected)
 
 
 def test_policies_whose_heads_depend_on_each_other_are_not_stacked(prepared):
