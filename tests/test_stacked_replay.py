@@ -20,6 +20,9 @@ from kvsim.policies.presets import PRESETS
 from kvsim.policies.retention import Merge, Quantize
 from kvsim.policies.schedules import EveryStep, Lagged
 from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
+from kvsim.policies.scorers.expected_attention import ExpectedAttention
+from kvsim.policies.scorers.global_local import GlobalLocal
+from kvsim.policies.scorers.key_diff import KeyDiff
 from kvsim.policies.scorers.key_norm import KeyNorm
 from kvsim.policies.scorers.last_query import LastQuery
 from kvsim.policies.scorers.mixture import Mixture
@@ -44,6 +47,9 @@ STACKED = {
     "window_unpooled": Policy("window_unpooled", WindowAttention(window=8, pool="none"), HeadAdaptive(alpha=0.3), Lagged(recent=4, every=3)),
     "key_norm": Policy("key_norm", KeyNorm(), Pyramid(beta=4), EveryStep(sinks=1)),
     "mixture": Policy("mixture", Mixture(scorers=(Recency(), LastQuery()), weights=(0.3, 0.7), normalize="z"), HeadAdaptive(alpha=0.2), EveryStep(recent=2)),
+    "keydiff": Policy("keydiff", KeyDiff(), HeadAdaptive(alpha=0.3), EveryStep(sinks=2)),
+    "expected_attention": Policy("expected_attention", ExpectedAttention(window=8, future=64, sinks=2), HeadAdaptive(alpha=0.3), Lagged(every=4)),
+    "global_local": Policy("global_local", GlobalLocal(local_weight=0.4, window=8), Pyramid(beta=4), EveryStep(recent=4)),
 }
 
 
@@ -89,7 +95,8 @@ def test_stacks_of_a_few_layers_decide_as_one(prepared, monkeypatch):
 
 def test_policies_whose_heads_depend_on_each_other_are_not_stacked(prepared):
     pooled = Policy("pooled", WindowAttention(window=8, pool="max", kernel=7), HeadAdaptive(alpha=0.2), EveryStep(recent=4))
-    for policy in (pooled, PRESETS["cake"], PRESETS["d2o"], replace(PRESETS["h2o"], retention=Quantize(nbits=4)),
+    pooled_keydiff = replace(STACKED["keydiff"], scorer=KeyDiff(pool="max", kernel=3))
+    for policy in (pooled, pooled_keydiff, PRESETS["cake"], PRESETS["d2o"], replace(PRESETS["h2o"], retention=Quantize(nbits=4)),
                    replace(PRESETS["h2o"], retention=Merge(threshold=0.3)), replace(PRESETS["h2o"], scorer=PRESETS["random"].scorer)):
         assert not stacks_layers(policy), policy.name
     # Why: pooling runs along the union of held positions, which a stack of every layer's heads widens.

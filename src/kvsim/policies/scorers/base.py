@@ -47,6 +47,11 @@ class Scorer(Part):
         return params
 
 
+def unpooled(how: str, kernel: int) -> bool:
+    """Whether `pool_scores` leaves scores as they are (so each token keeps its own score)."""
+    return how == "none" or (how != "chunk" and kernel <= 1)
+
+
 def pool_scores(scores: torch.Tensor, how: str, kernel: int) -> torch.Tensor:
     """Smooth scores along positions so a heavy hitter's neighbours are kept with it.
 
@@ -56,7 +61,7 @@ def pool_scores(scores: torch.Tensor, how: str, kernel: int) -> torch.Tensor:
     """
     if how == "chunk":
         return chunk_scores(scores, kernel)
-    if how == "none" or kernel <= 1:
+    if unpooled(how, kernel):
         return scores
     flat = scores.reshape(-1, 1, scores.shape[-1])
     if how == "avg":

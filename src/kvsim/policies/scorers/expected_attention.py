@@ -25,7 +25,7 @@ import torch
 
 from kvsim.errors import KvsimError
 from kvsim.policies.parts import check, register
-from kvsim.policies.scorers.base import GQA_REDUCTIONS, Scorer, check_pooling, pool_scores, protect_sinks, suggest_pool
+from kvsim.policies.scorers.base import GQA_REDUCTIONS, Scorer, check_pooling, pool_scores, protect_sinks, suggest_pool, unpooled
 from kvsim.policies.view import CacheView, reduce_group
 
 
@@ -60,6 +60,10 @@ class ExpectedAttention(Scorer):
             gqa=trial.suggest_categorical(f"{prefix}gqa", list(GQA_REDUCTIONS)),
             **suggest_pool(trial, prefix),
         )
+
+    @property
+    def per_head(self) -> bool:
+        return unpooled(self.pool, self.kernel)
 
     def score(self, view: CacheView) -> torch.Tensor:
         mean, cov = self._future_query_statistics(view)

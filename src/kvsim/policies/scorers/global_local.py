@@ -33,6 +33,7 @@ from kvsim.policies.view import CacheView, reduce_group
 @dataclass(frozen=True)
 class GlobalLocal(Scorer):
     name = "global_local"
+    per_head = True
     local_weight: float = 0.5
     window: int = 32
     gqa: str = "mean"

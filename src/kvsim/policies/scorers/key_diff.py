@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsim.policies.parts import register
-from kvsim.policies.scorers.base import Scorer, check_pool, pool_scores, suggest_pool
+from kvsim.policies.scorers.base import Scorer, check_pool, pool_scores, suggest_pool, unpooled
 from kvsim.policies.view import CacheView
 
 
@@ -34,6 +34,10 @@ class KeyDiff(Scorer):
     @classmethod
     def suggest(cls, trial, prefix: str) -> KeyDiff:
         return cls(**suggest_pool(trial, prefix))
+
+    @property
+    def per_head(self) -> bool:
+        return unpooled(self.pool, self.kernel)
 
     def score(self, view: CacheView) -> torch.Tensor:
         unit = F.normalize(view.keys.float(), dim=-1)

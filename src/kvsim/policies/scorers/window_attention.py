@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsim.policies.parts import check, register
-from kvsim.policies.scorers.base import Scorer, check_pooling, pool_scores, suggest_pooling
+from kvsim.policies.scorers.base import Scorer, check_pooling, pool_scores, suggest_pooling, unpooled
 from kvsim.policies.view import CacheView, reduce_group
 
 
@@ -39,7 +39,7 @@ class WindowAttention(Scorer):
 
     @property
     def per_head(self) -> bool:
-        return self.pool == "none" or (self.pool != "chunk" and self.kernel <= 1)
+        return unpooled(self.pool, self.kernel)
 
     def score(self, view: CacheView) -> torch.Tensor:
         per_query_head = view.window(self.window).mean(dim=1)
