@@ -17,7 +17,7 @@ from kvsim.policies.compress import compress_prefill
 from kvsim.policies.held import HeldLayer, interleave, stacks_layers
 from kvsim.policies.policy import Policy
 from kvsim.policies.presets import PRESETS
-from kvsim.policies.retention import Merge, Quantize
+from kvsim.policies.retention import Merge, MixedPrecision, Quantize
 from kvsim.policies.schedules import EveryStep, Lagged
 from kvsim.policies.scorers.accumulated_attention import AccumulatedAttention
 from kvsim.policies.scorers.expected_attention import ExpectedAttention
@@ -50,6 +50,11 @@ STACKED = {
     "keydiff": Policy("keydiff", KeyDiff(), HeadAdaptive(alpha=0.3), EveryStep(sinks=2)),
     "expected_attention": Policy("expected_attention", ExpectedAttention(window=8, future=64, sinks=2), HeadAdaptive(alpha=0.3), Lagged(every=4)),
     "global_local": Policy("global_local", GlobalLocal(local_weight=0.4, window=8), Pyramid(beta=4), EveryStep(recent=4)),
+    # Low-precision tokens chosen at the prompt's decision and read at every step, per token and per channel.
+    "mixed_precision": replace(PRESETS["h2o"], allocator=HeadAdaptive(alpha=0.3), retention=MixedPrecision(nbits=4, full_share=0.4)),
+    "mixed_precision_kivi": Policy(
+        "mixed_precision_kivi", LastQuery(), Pyramid(beta=4), Lagged(recent=2, every=3), MixedPrecision(nbits=2, full_share=0.6, key_group=4)
+    ),
 }
 
 
@@ -77,8 +82,10 @@ def assert_same_outcomes(got, expected):
 @pytest.mark.parametrize("budget", [0.15, 0.4])
 def test_stacked_replay_equals_the_engine_layer_by_layer(prepared, name, budget):
     policy = STACKED[name]
-    assert stacks_layers(policy)
+    assert stacks_layers(policy, prepared.views)
     expected, (keeps, budgets) = layer_by_layer(policy, prepared, Budget(budget))
+    if policy.retention.bits() is not None:
+        assert all(outcome.low_precision_tokens for outcome in expected)  # every layer reads low-precision tokens
     assert_same_outcomes(replay_stacked(policy, prepared.views, prepared.fulls, keeps, budgets), expected)
     assert_same_outcomes(replay(policy, Budget(budget), prepared.views, prepared.fulls), expected)  # the simulator's entry stacks it
 
@@ -96,9 +103,10 @@ def test_stacks_of_a_few_layers_decide_as_one(prepared, monkeypatch):
 def test_policies_whose_heads_depend_on_each_other_are_not_stacked(prepared):
     pooled = Policy("pooled", WindowAttention(window=8, pool="max", kernel=7), HeadAdaptive(alpha=0.2), EveryStep(recent=4))
     pooled_keydiff = replace(STACKED["keydiff"], scorer=KeyDiff(pool="max", kernel=3))
-    for policy in (pooled, pooled_keydiff, PRESETS["cake"], PRESETS["d2o"], replace(PRESETS["h2o"], retention=Quantize(nbits=4)),
+    per_layer_bits = replace(STACKED["mixed_precision"], retention=MixedPrecision(full_share=0.4, key_bits=(4, 8), value_bits=(2, 4)))
+    for policy in (pooled, pooled_keydiff, per_layer_bits, PRESETS["cake"], PRESETS["d2o"], replace(PRESETS["h2o"], retention=Quantize(nbits=4)),
                    replace(PRESETS["h2o"], retention=Merge(threshold=0.3)), replace(PRESETS["h2o"], scorer=PRESETS["random"].scorer)):
-        assert not stacks_layers(policy), policy.name
+        assert not stacks_layers(policy, prepared.views), policy.name
     # Why: pooling runs along the union of held positions, which a stack of every layer's heads widens.
     expected, (keeps, budgets) = layer_by_layer(pooled, prepared, Budget(0.15))
     stacked = replay_stacked(pooled, prepared.views, prepared.fulls, keeps, budgets)

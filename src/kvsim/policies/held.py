@@ -19,7 +19,7 @@ Bytes: `kv_bytes` is defined once here, as this layout holds them, at the servin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -109,13 +109,21 @@ def scatter_rows(flat: torch.Tensor, head: torch.Tensor, slot: torch.Tensor, kv_
     return padded
 
 
-def stacks_layers(policy: Policy) -> bool:
-    """Whether the layers of a stepwise policy may be replayed as one stack of KV heads
-    (`HeldLayer.stack`) and still decide what each would alone: its scorer scores each head from
-    that head's own tokens (`Scorer.per_head`) and its retention keeps no low-precision tokens
-    nor rewrites any (merging and quantizing read the keys in the union layout, which a stack of
-    many layers' heads makes large: they replay layer by layer). Selection is per head."""
-    return policy.scorer.per_head and not policy.retention.changes_tokens
+def stacks_layers(policy: Policy, views: Sequence[CacheView]) -> bool:
+    """Whether the layers of `views` (their prompt's decision) may be replayed under a stepwise policy
+    as one stack of KV heads (`HeldLayer.stack`) and still decide what each would alone: its scorer
+    scores each head from that head's own tokens (`Scorer.per_head`), its decode steps only drop
+    tokens (`Retention.drops_while_decoding`: merging and quantizing read the keys in the union
+    layout, which a stack of many layers' heads makes large), its low-precision tokens, if any, have
+    the same bit widths in every layer (they share one packed tensor), and the layers share a prompt
+    and an attention scale. Selection is per head."""
+    retention = policy.retention
+    return (
+        policy.scorer.per_head
+        and retention.drops_while_decoding
+        and len({retention.bits(view.layer, view.n_layers) for view in views}) == 1
+        and len({(view.length, view.scaling) for view in views}) == 1
+    )
 
 
 @dataclass
@@ -240,7 +248,12 @@ class HeldLayer:
                 torch.cat([layer.full.positions for layer in layers]),
                 [count for layer in layers for count in layer.full.counts],
             ),
-            low=None,
+            low=None if all(layer.low is None for layer in layers) else Segments(
+                PackedTokens.cat([layer.low_segments().keys for layer in layers]),
+                PackedTokens.cat([layer.low_segments().values for layer in layers]),
+                torch.cat([layer.low_segments().positions for layer in layers]),
+                [count for layer in layers for count in layer.low_segments().counts],
+            ),
             colsum=torch.cat([layer.colsum for layer in layers]),
             window_queries=torch.cat([layer.window_queries for layer in layers]),
             seen=first.seen,
@@ -258,26 +271,32 @@ class HeldLayer:
     def stepwise(self) -> bool:
         return self.budgets is not None
 
-    def readable(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per KV head: keys, values [c_h, d] and positions [c_h], full precision first, then low precision."""
-        keys, values, positions = self.full.per_head(self.full.keys), self.full.per_head(self.full.values), self.full.per_head(self.full.positions)
+    def readable_rows(self, unpack: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """What attention reads, as flat rows: (head [M], slot [M], keys [M, d], values [M, d], positions
+        [M]). Each head reads its full-precision tokens at slots 0.. in position order, then its
+        low-precision ones after them; keys and values are None without `unpack` (positions only)."""
+        head, slot = self.full.rows()
+        keys, values, positions = self.full.keys, self.full.values, self.full.positions
         if self.low is None:
-            return list(keys), list(values), list(positions)
-        low_keys = self.low.per_head(self.low.keys.unpack().to(self.full.keys.dtype))
-        low_values = self.low.per_head(self.low.values.unpack().to(self.full.keys.dtype))
-        low_positions = self.low.per_head(self.low.positions)
-        return (
-            [torch.cat(pair) for pair in zip(keys, low_keys)],
-            [torch.cat(pair) for pair in zip(values, low_values)],
-            [torch.cat(pair) for pair in zip(positions, low_positions)],
-        )
+            return head, slot, keys, values, positions
+        low_head, low_slot = self.low.rows()
+        head, slot = torch.cat([head, low_head]), torch.cat([slot, low_slot + torch.tensor(self.full.counts)[low_head]])
+        positions = torch.cat([positions, self.low.positions])
+        if not unpack:
+            return head, slot, None, None, positions
+        keys = torch.cat([keys, self.low.keys.unpack().to(keys.dtype)])
+        values = torch.cat([values, self.low.values.unpack().to(values.dtype)])
+        return head, slot, keys, values, positions
 
-    def readable_positions(self) -> list[torch.Tensor]:
-        """Per KV head, the positions attention reads (full precision, then low), without unpacking codes."""
-        full = self.full.per_head(self.full.positions)
-        if self.low is None:
-            return list(full)
-        return [torch.cat(pair) for pair in zip(full, self.low.per_head(self.low.positions))]
+    def low_segments(self) -> Segments:
+        """The low-precision tokens, as an empty set at the retention's bit widths when there are none."""
+        if self.low is not None:
+            return self.low
+        bits = self.policy.retention.bits(self.layer, self.n_layers)
+        empty = self.full.keys[:0]
+        counts = [0] * self.kv_heads
+        keys = PackedTokens.pack_channels(empty, bits.keys, bits.key_group, counts) if bits.key_group else PackedTokens.pack(empty, bits.keys)
+        return Segments(keys, PackedTokens.pack(empty, bits.values), self.full.positions[:0], counts)
 
     def kept_positions(self) -> list[torch.Tensor]:
         """Per KV head, the positions held at full precision (in order)."""
@@ -328,23 +347,18 @@ class HeldLayer:
         return output.reshape(heads, n, head_dim)
 
     def _padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What attention reads, as [kv, c, d] keys and values and [kv, c] positions: each head's full-
-        precision tokens, then its low-precision ones, padded at the end to the longest head with
-        positions no query sees. Equal counts and no low precision need no copy at all."""
+        """What attention reads (`readable_rows`) as [kv, c, d] keys and values and [kv, c] positions,
+        each head padded at the end to the longest head with positions no query sees. Equal counts and
+        no low precision need no copy at all."""
         if self.low is None and self.full.uniform:
             shape = (self.kv_heads, self.full.counts[0])
             return self.full.keys.view(*shape, -1), self.full.values.view(*shape, -1), self.full.positions.view(shape)
-        if self.low is None:
-            segments = self.full
-        else:
-            keys, values, positions = self.readable()
-            segments = Segments(torch.cat(keys), torch.cat(values), torch.cat(positions), [len(p) for p in positions])
-        head, slot = segments.rows()
+        head, slot, keys, values, positions = self.readable_rows()
         never_seen = torch.iinfo(torch.int64).max
         return (
-            scatter_rows(segments.keys, head, slot, self.kv_heads),
-            scatter_rows(segments.values, head, slot, self.kv_heads),
-            scatter_rows(segments.positions, head, slot, self.kv_heads, never_seen),
+            scatter_rows(keys, head, slot, self.kv_heads),
+            scatter_rows(values, head, slot, self.kv_heads),
+            scatter_rows(positions, head, slot, self.kv_heads, never_seen),
         )
 
     def observe(self, queries: torch.Tensor, probs: torch.Tensor) -> None:
@@ -418,7 +432,8 @@ class HeldLayer:
     def shrink(self, view: CacheView, kept: torch.Tensor, evicted: torch.Tensor, dtype: torch.dtype) -> None:
         """Hold `kept` [kv, n] of `view`'s tokens at full precision and hand `evicted` to the retention."""
         retention = self.policy.retention
-        if retention.changes_tokens:
+        # Nothing handed over and kept tokens left as they are: every retention then just drops.
+        if retention.changes_tokens and (retention.rewrites_kept or bool(evicted.any())):
             retained = retention.retain(view.keys.float(), view.values.float(), kept, evicted, view.layer, view.n_layers)
             keys, values, low = retained.keys[kept], retained.values[kept], retained.low_precision
         else:

@@ -58,6 +58,15 @@ class PackedTokens:
         return self.codes.numel() + (self.scale.numel() + self.zero.numel()) * element_bytes
 
     @staticmethod
+    def cat(parts: list[PackedTokens]) -> PackedTokens:
+        """Several flat sets of rows, one after the other (of equal bit width and grouping)."""
+        first = parts[0]
+        if any((part.bits, part.dim, part.group) != (first.bits, first.dim, first.group) for part in parts):
+            raise ValueError("packed tokens of different bit widths or groupings cannot share one tensor")
+        counts = None if first.counts is None else [count for part in parts for count in part.counts]
+        return PackedTokens(*(torch.cat([getattr(part, name) for part in parts]) for name in ("codes", "scale", "zero")), first.bits, first.dim, first.group, counts)
+
+    @staticmethod
     def interleave(old: PackedTokens, old_counts: list[int], new: PackedTokens, new_counts: list[int]) -> PackedTokens:
         """Per-head ragged append: head h's new tokens follow head h's old ones (see `kvsim.policies.held`)."""
         if old.group or new.group:

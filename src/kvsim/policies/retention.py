@@ -76,6 +76,12 @@ class Retention(Part):
         return None
 
     @property
+    def drops_while_decoding(self) -> bool:
+        """Whether tokens evicted at decode steps are simply dropped (what they became at the prompt's
+        decision is kept as it is): then a decode step changes no held token."""
+        return False
+
+    @property
     def changes_tokens(self) -> bool:
         """Whether `retain` changes anything: dropping does not, so a cache can keep its kept rows as they are."""
         return True
@@ -91,6 +97,7 @@ class Retention(Part):
 class Drop(Retention):
     name = "drop"
     changes_tokens = False
+    drops_while_decoding = True
 
     def retain(self, keys, values, keep, evicted, layer=0, n_layers=1):
         return Retained(keys, values, torch.zeros_like(keep))
@@ -249,6 +256,7 @@ class MixedPrecision(Quantize):
     """
 
     name = "mixed_precision"
+    drops_while_decoding = True  # the low set is chosen at the prompt's decision only
     full_share: float = 0.5
     key_bits: tuple[int, ...] = ()
     value_bits: tuple[int, ...] = ()

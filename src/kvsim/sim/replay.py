@@ -44,7 +44,7 @@ def replay(
             _prefill_once(policy.retention, view, full, keep, handed_to_retention(policy, view, keep, layer_budgets))
             for view, full, keep, layer_budgets in zip(views, fulls, keeps, budgets)
         ]
-    if stacks_layers(policy) and len({view.length for view in views}) == 1 and len({view.scaling for view in views}) == 1:
+    if stacks_layers(policy, views):
         return replay_stacked(policy, views, fulls, keeps, budgets)
     return [
         replay_stepwise(policy, view, full, keep, layer_budgets)
@@ -157,9 +157,8 @@ def _step_rows(
     outputs = []
     for row in range(rows):
         layer.append(keys[:, row : row + 1], values[:, row : row + 1])
-        positions = layer.readable_positions()
-        head = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor([len(p) for p in positions]))
-        readable[head, row, torch.cat(positions)] = True
+        head, _, _, _, positions = layer.readable_rows(unpack=False)
+        readable[head, row, positions] = True
         outputs.append(layer.attend(queries[:, :, row : row + 1].reshape(kv_heads * group, 1, head_dim)))
         on_row(row, layer)
     return torch.cat(outputs, dim=1).reshape(kv_heads, group, rows, head_dim), readable
