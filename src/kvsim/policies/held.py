@@ -11,7 +11,14 @@ Layout: ragged per KV head. Heads may keep different numbers of tokens (per-head
 tokens of all heads sit in one flat `[N, head_dim]` tensor, head after head, each head's tokens in
 position order, with `counts[h]` tokens for head h. Nothing is padded: a per-head allocation holds
 exactly the bytes its budget says. Low-precision tokens (quantize retention) sit beside them as
-packed codes in the same ragged way. Keys keep the RoPE rotation of their true position.
+packed codes in the same ragged way. Keys keep the RoPE rotation of their true position. Nothing
+loops over heads: attention pads the heads to the longest one for the step, in one call.
+
+Stacks: decisions cross KV heads only through the union view and scores a layer's heads share
+(`layer_mean`, per stacked layer), so for policies that score each head from its own tokens
+(`stacks_layers`) the simulator stacks many layers' heads into one `HeldLayer` (`stack`) and steps
+them together: one set of tensor operations per token instead of one per layer, with the same
+decisions (`tests/test_stacked_replay.py`).
 
 Bytes: `kv_bytes` is defined once here, as this layout holds them, at the serving dtype
 (`KV_ELEMENT_BYTES`, fp16/bf16), whatever dtype the tensors have while measuring (float32 on a CPU).
