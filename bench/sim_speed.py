@@ -13,7 +13,8 @@ This script measures three things side by side in one run, on one torch thread p
    continuation's full-cache attention, the replay, the result rows), and *marginal*, the policy's
    own replay given precomputed views and full-cache attention (what each extra policy or budget
    costs inside a batch). Live runs are spread over the preset loop (start, middle, end) so drift
-   on a shared CPU hits both sides alike; every number is the median of a few repeats.
+   on a shared CPU hits both sides alike; every number is the median of a few repeats. Stepwise
+   presets the simulator replays as one stack of layers are also timed stepping each layer alone.
 2. Growth with prompt length: synthetic TraceSets shaped like the bundled model (30 layers, 3 KV
    heads, group 3, head_dim 64, window 64, 32 continuation tokens) at 1K-8K prompt tokens, for
    snapkv (prefill-once) and h2o (every-step): is the per-sample cost linear in the prompt?
@@ -21,7 +22,7 @@ This script measures three things side by side in one run, on one torch thread p
    synthetic sample at one budget): the policy-independent work is paid once per sample, so the
    cost per policy should fall as the batch grows.
 4. Peak memory one sample's simulation adds, per synthetic length, in a fresh process, against the
-   sample file's size.
+   sample file's size; and the same with every stepwise layer stepped alone.
 
 The issue-13 targets sit in one table at the top, each with its measured value and, where missed,
 the measured gap and its cause: snapkv cold ≥ 1,000× live, every-step presets ≥ 200×, cost linear
