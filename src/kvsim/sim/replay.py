@@ -6,7 +6,8 @@ Prefill-once policies are evaluated on all continuation rows in one block. Every
 policies walk the rows in order through `kvsim.policies.held.HeldLayer`, the engine the live cache
 runs: each new token joins the cache, its query reads the compressed cache (that attention also
 feeds accumulated scores, as in the live model), and on the schedule's steps each head is brought
-back to its budget.
+back to its budget. Layers are independent here, so policies that decide per KV head step many
+layers at once, as one stack of heads (`replay_stacked`).
 """
 
 from __future__ import annotations
