@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from kvsim.policies.lowbit import PackedTokens, packed_dim
 from kvsim.policies.retention import LowBits
 from kvsim.policies.policy import Policy
 from kvsim.policies.rope import Rotary
-from kvsim.policies.view import CacheView
+from kvsim.policies.view import CacheView, causal_attention, grouped_logits
 
 # Caches are served in fp16/bf16: every byte count is at 2 bytes per element, whatever dtype the
 # tensors have while a policy is measured (float32 traces, a float32 model on a CPU).
@@ -154,8 +155,11 @@ class Segments:
     def per_head(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(tensor, self.counts)
 
+    @cached_property
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(head [N], slot [N]): each flat row's KV head and its index inside that head's segment."""
+        """(head [N], slot [N]): each flat row's KV head and its index inside that head's segment.
+        Kept once computed: a step reads it several times, and a held layer replaces its segments
+        rather than changing them."""
         counts = torch.tensor(self.counts)
         head = torch.repeat_interleave(torch.arange(len(self.counts)), counts)
         starts = torch.cumsum(counts, 0) - counts
@@ -282,11 +286,11 @@ class HeldLayer:
         """What attention reads, as flat rows: (head [M], slot [M], keys [M, d], values [M, d], positions
         [M]). Each head reads its full-precision tokens at slots 0.. in position order, then its
         low-precision ones after them; keys and values are None without `unpack` (positions only)."""
-        head, slot = self.full.rows()
+        head, slot = self.full.rows
         keys, values, positions = self.full.keys, self.full.values, self.full.positions
         if self.low is None:
             return head, slot, keys, values, positions
-        low_head, low_slot = self.low.rows()
+        low_head, low_slot = self.low.rows
         head, slot = torch.cat([head, low_head]), torch.cat([slot, low_slot + torch.tensor(self.full.counts)[low_head]])
         positions = torch.cat([positions, self.low.positions])
         if not unpack:
@@ -372,10 +376,10 @@ class HeldLayer:
         """Accumulate the new rows' attention (probs [kv, group, n, c], `_padded`'s layout), slide the
         query window, and evict on the schedule's steps."""
         received = probs.sum(2)  # [kv, group, c]
-        if received.shape[-1] * self.kv_heads == self.full.tokens:
+        if self.low is None and self.full.uniform:  # `_padded` passed the rows as they are
             held = received.permute(0, 2, 1).reshape(self.full.tokens, -1)
         else:
-            head, slot = self.full.rows()  # full-precision tokens lead every head's row of `_padded`
+            head, slot = self.full.rows  # full-precision tokens lead every head's row of `_padded`
             held = received[head, :, slot]
         self.colsum = self.colsum + held
         window = self.window_queries.shape[1]
@@ -398,7 +402,7 @@ class HeldLayer:
         accumulated attention. The one rescoring view: scorers that pool along positions pool over
         the held tokens, in both the simulator and the live cache."""
         kv_heads, group = self.kv_heads, self.colsum.shape[1]
-        head, slot = self.full.rows()
+        head, slot = self.full.rows
         position = self.full.positions
         in_union = torch.zeros(self.seen, dtype=torch.bool)
         in_union[position] = True
@@ -519,12 +523,10 @@ class HeldView(CacheView):
     def _attention_of_last(self, size: int) -> torch.Tensor:
         head, slot, at = self.rows
         kv_heads, group = self.kv_heads, self.heads // self.kv_heads
-        keys = scatter_rows(self.held.keys, head, slot, kv_heads).float()
+        keys = scatter_rows(self.held.keys, head, slot, kv_heads)
         positions = scatter_rows(self.held.positions, head, slot, kv_heads, torch.iinfo(torch.int64).max)
-        q = self.queries[:, -size:].reshape(kv_heads, group * size, -1).float()
-        logits = (torch.matmul(q, keys.transpose(-1, -2)) * self.scaling).reshape(kv_heads, group, size, -1)
-        hidden = positions[:, None, None, :] > self.query_positions[-size:, None]  # [kv, 1, size, c]
-        attention = logits.masked_fill(hidden, float("-inf")).softmax(-1)
+        logits = grouped_logits(self.queries[:, -size:].reshape(kv_heads, group, size, -1), keys, self.scaling)
+        attention = causal_attention(logits, positions, self.query_positions[-size:])
         union = torch.zeros(kv_heads, group, size, self.length)
         union[head, :, :, at] = attention[head, :, :, slot]
         return union.reshape(self.heads, size, self.length)
@@ -546,15 +548,13 @@ def attend_heads(
     arithmetic is float32 (the probabilities feed eviction decisions); without, it is SDPA.
     """
     kv_heads, group, n, head_dim = queries.shape
-    visible = positions[:, None, :] <= query_positions[None, :, None]  # [kv, n, c]
     if not with_probs:
+        visible = positions[:, None, :] <= query_positions[None, :, None]  # [kv, n, c]
         mask = None if bool(visible.all()) else visible.repeat_interleave(group, dim=0)[None]
         output = F.scaled_dot_product_attention(
             queries.reshape(1, kv_heads * group, n, head_dim), keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True
         )
         return output.reshape(kv_heads, group, n, head_dim), None
-    logits = torch.matmul(queries.float().reshape(kv_heads, group * n, head_dim), keys.float().transpose(-1, -2))
-    logits = (logits * scaling).reshape(kv_heads, group, n, -1)
-    probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    probs = causal_attention(grouped_logits(queries, keys, scaling), positions, query_positions)
     output = torch.matmul(probs.reshape(kv_heads, group * n, -1), values.float()).reshape(kv_heads, group, n, head_dim)
     return output.to(queries.dtype), probs

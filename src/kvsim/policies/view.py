@@ -101,16 +101,28 @@ class CacheView:
     def _attention_of_last(self, size: int) -> torch.Tensor:
         group = self.heads // self.kv_heads
         if self.window_logits is not None:
-            scores = self.window_logits[:, -size:].reshape(self.kv_heads, group, size, self.length)
+            logits = self.window_logits[:, -size:].reshape(self.kv_heads, group, size, self.length)
         else:
-            # One matmul per KV head over its whole group (broadcasting the keys would copy them).
-            q = self.queries[:, -size:].reshape(self.kv_heads, -1, self.queries.shape[-1])
-            scores = (torch.matmul(q.float(), self.keys.float().transpose(-1, -2)) * self.scaling).reshape(self.kv_heads, group, size, self.length)
-        hidden = self.positions[None, :] > self.query_positions[-size:, None]  # [size, n] causal
-        if self.present is not None:
-            hidden = hidden | ~self.present[:, None, None, :]  # [kv, 1, size, n]
-        scores = scores.masked_fill(hidden, float("-inf"))
-        return scores.softmax(-1).reshape(self.heads, size, self.length)
+            logits = grouped_logits(self.queries[:, -size:].reshape(self.kv_heads, group, size, -1), self.keys, self.scaling)
+        positions = self.positions
+        if self.present is not None:  # a head never sees the tokens it does not hold
+            positions = positions.expand(self.kv_heads, -1).masked_fill(~self.present, torch.iinfo(torch.int64).max)
+        return causal_attention(logits, positions, self.query_positions[-size:]).reshape(self.heads, size, self.length)
+
+
+def grouped_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled logits [kv, group, w, n] float32 of queries [kv, group, w, d] against keys [kv, n, d]:
+    one matmul per KV head over its whole group (broadcasting the keys would copy them)."""
+    kv_heads, group, rows, head_dim = queries.shape
+    logits = torch.matmul(queries.float().reshape(kv_heads, group * rows, head_dim), keys.float().transpose(-1, -2))
+    return (logits * scaling).reshape(kv_heads, group, rows, -1)
+
+
+def causal_attention(logits: torch.Tensor, key_positions: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """Softmax of logits [kv, group, w, n] over the keys each query may see: those whose position
+    (key_positions [n], or [kv, n] per head) is no later than the query's (query_positions [w])."""
+    hidden = key_positions[..., None, None, :] > query_positions[:, None]
+    return logits.masked_fill(hidden, float("-inf")).softmax(-1)
 
 
 def layer_mean(per_query_head: torch.Tensor, view: CacheView) -> torch.Tensor:
