@@ -247,6 +247,7 @@ class HeldLayer:
         layer. It decides what the layers would decide one by one when the policy's decisions are
         per head (`stacks_layers`); the simulator checks that before stacking."""
         first = layers[0]
+        lows = None if all(layer.low is None for layer in layers) else [layer.low_segments() for layer in layers]
         return cls(
             layer=first.layer,
             n_layers=first.n_layers,
@@ -259,11 +260,11 @@ class HeldLayer:
                 torch.cat([layer.full.positions for layer in layers]),
                 [count for layer in layers for count in layer.full.counts],
             ),
-            low=None if all(layer.low is None for layer in layers) else Segments(
-                PackedTokens.cat([layer.low_segments().keys for layer in layers]),
-                PackedTokens.cat([layer.low_segments().values for layer in layers]),
-                torch.cat([layer.low_segments().positions for layer in layers]),
-                [count for layer in layers for count in layer.low_segments().counts],
+            low=None if lows is None else Segments(
+                PackedTokens.cat([low.keys for low in lows]),
+                PackedTokens.cat([low.values for low in lows]),
+                torch.cat([low.positions for low in lows]),
+                [count for low in lows for count in low.counts],
             ),
             colsum=torch.cat([layer.colsum for layer in layers]),
             window_queries=torch.cat([layer.window_queries for layer in layers]),
